@@ -1,0 +1,1 @@
+"""Exporters: PyTorch modules (and hand-built ONNX graphs) into ortserve model repositories."""

@@ -1,0 +1,126 @@
+"""Composition root: builds the registry, the gRPC server and its services; runs until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from server.repository.registry import READY, ModelRegistry
+from server.repository.repository import ModelRepository
+from server.rpc.pb import _pool
+from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
+from server.rpc.servicers import InferenceServicer, ServerState
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def server_version() -> str:
+    """The installed distribution's version."""
+    try:
+        return metadata.version("ortserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _reflection_pool() -> object:
+    """Our private descriptor pool, plus the health and reflection files so `grpcurl describe` finds them."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            _pool.POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            _pool.POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return _pool.POOL
+
+
+class OrtServer:
+    """The running server: models, gRPC services, health and reflection.
+
+    Args:
+        settings: Server settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(
+            ModelRepository(settings.model_repository), settings.device, settings.default_max_batch_size
+        )
+        self.state = ServerState(settings.strict_readiness)
+        self.health = health.aio.HealthServicer()
+        self.servicer = InferenceServicer(self.registry, self.state, server_version())
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Loads the models, then starts listening; returns the bound port."""
+        if not self.settings.model_repository.is_dir():
+            raise SystemExit(f"model repository {self.settings.model_repository} is not a directory")
+        await asyncio.to_thread(self.registry.load_all)
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(services, server, pool=_reflection_pool())
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        self.state.started = True
+        await self._publish_health()
+        logger.info("ortserve listening on %s:%d", self.settings.host, self.port)
+        if self.settings.port_file:
+            self.settings.port_file.write_text(str(self.port))
+        return self.port
+
+    async def _publish_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self.servicer.server_ready()
+        await self.health.set("", serving if ready else not_serving)
+        await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
+        for entry in self.registry.entries():
+            await self.health.set(entry.name, serving if entry.state == READY else not_serving)
+
+    async def stop(self) -> None:
+        """Stops taking work, lets in-flight requests finish within the grace period, unloads."""
+        if self._server is None:
+            return
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        logger.info("shutting down: waiting up to %.1fs for in-flight requests", self.settings.shutdown_grace_s)
+        await self._server.stop(self.settings.shutdown_grace_s)
+        self._server = None
+        await asyncio.to_thread(self.registry.close)
+        logger.info("stopped")
+
+    async def wait(self) -> None:
+        """Waits until the gRPC server ends."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = OrtServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,41 @@
+"""Domain exceptions; rpc/status.py maps each to one gRPC status code."""
+
+
+class ServerError(Exception):
+    """Base of every error that ortserve reports to a client on purpose."""
+
+
+class InvalidInputError(ServerError):
+    """The request is malformed: shape, datatype, byte count, names, parameters."""
+
+
+class ModelNotFoundError(ServerError):
+    """No model (or no such version of it) exists in the repository."""
+
+
+class ModelNotReadyError(ServerError):
+    """The model exists but is not ready to serve (failed to load, loading, unloading)."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server is shutting down and takes no new work."""
+
+
+class QueueFullError(ServerError):
+    """The model's queue is at its limit; the client should retry later."""
+
+
+class DeadlineExceededError(ServerError):
+    """The request's deadline passed before it could run."""
+
+
+class UnsupportedError(ServerError):
+    """The request asks for a feature this server does not implement."""
+
+
+class PermissionDeniedError(ServerError):
+    """The operation is refused by the server's configuration."""
+
+
+class ModelLoadError(ServerError):
+    """A model could not be loaded; the message says why (shown in RepositoryIndex)."""

@@ -1,0 +1,245 @@
+"""A loaded model version: request validation, instance scheduling and output building."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.core.errors import InvalidInputError, ServerError
+from server.core.statistics import ModelStats
+from server.core.types import InferRequest, InferResponse, OutputTensor, RequestedOutput, TensorSpec
+from server.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSignature:
+    """What a model accepts and returns, as its (completed) configuration says.
+
+    Attributes:
+        inputs: Input specs in config order.
+        outputs: Output specs in config order.
+        max_batch_size: 0 when the model does not batch; else the largest batch a
+            request may carry (the first dimension of every tensor).
+        labels: Class labels per output name, from the outputs' label files.
+    """
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    labels: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Model:
+    """One version of one model, with its instances, ready to serve.
+
+    Args:
+        name: Model name.
+        version: Version number.
+        platform: Platform string reported in metadata ("onnxruntime_onnx").
+        signature: Inputs, outputs, batching and labels.
+        instances: One runtime per model instance; each runs one request at a time.
+        config: The completed model configuration message (returned by ModelConfig).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        platform: str,
+        signature: ModelSignature,
+        instances: Sequence[Runtime],
+        config: Any,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.platform = platform
+        self.signature = signature
+        self.config = config
+        self.stats = ModelStats()
+        self._instances = list(instances)
+        self._inputs = {s.name: s for s in signature.inputs}
+        self._outputs = {s.name: s for s in signature.outputs}
+        self._executor = ThreadPoolExecutor(max_workers=len(self._instances), thread_name_prefix=f"ort-{name}")
+        # Created on first use: an asyncio.Queue belongs to the loop that runs it.
+        self._idle: asyncio.Queue[Runtime] | None = None
+
+    @property
+    def providers(self) -> Sequence[str]:
+        """Execution providers the instances actually run on."""
+        return self._instances[0].providers
+
+    def _idle_instances(self) -> asyncio.Queue[Runtime]:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for instance in self._instances:
+                self._idle.put_nowait(instance)
+        return self._idle
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validates and runs one request on the first idle instance.
+
+        Raises:
+            InvalidInputError: the request does not match the model's signature.
+        """
+        start = time.perf_counter_ns()
+        ok = False
+        queue_ns = 0
+        try:
+            batch_size = self.validate(request)
+            outputs = self._requested_outputs(request.outputs)
+            idle = self._idle_instances()
+            instance = await idle.get()
+            queue_ns = time.perf_counter_ns() - start
+            try:
+                loop = asyncio.get_running_loop()
+                results, infer_ns = await loop.run_in_executor(
+                    self._executor, _timed_run, instance, {t.name: t.data for t in request.inputs}, [o.name for o in outputs]
+                )
+            finally:
+                idle.put_nowait(instance)
+            out_start = time.perf_counter_ns()
+            response = InferResponse(
+                model_name=self.name,
+                model_version=str(self.version),
+                id=request.id,
+                outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
+            )
+            output_ns = time.perf_counter_ns() - out_start
+            self.stats.record_execution(max(batch_size, 1), 1, 0, infer_ns, output_ns)
+            ok = True
+            return response
+        finally:
+            self.stats.record_request(ok, time.perf_counter_ns() - start, queue_ns)
+
+    def validate(self, request: InferRequest) -> int:
+        """Checks inputs against the signature and returns the request's batch size (0 if none)."""
+        seen: set[str] = set()
+        batch_sizes: set[int] = set()
+        max_batch = self.signature.max_batch_size
+        for tensor in request.inputs:
+            spec = self._inputs.get(tensor.name)
+            if spec is None:
+                raise InvalidInputError(
+                    f"unexpected input '{tensor.name}' for model '{self.name}'; "
+                    f"expected: {', '.join(self._inputs) or 'none'}"
+                )
+            if tensor.name in seen:
+                raise InvalidInputError(f"input '{tensor.name}' is given more than once")
+            seen.add(tensor.name)
+            if tensor.datatype != spec.datatype:
+                raise InvalidInputError(
+                    f"input '{tensor.name}' has datatype {tensor.datatype}; model '{self.name}' expects {spec.datatype}"
+                )
+            dims = tensor.shape
+            if max_batch > 0:
+                if len(dims) < 1 or dims[0] < 1:
+                    raise InvalidInputError(
+                        f"input '{tensor.name}' needs a batch dimension of at least 1 first; got shape {list(dims)}"
+                    )
+                if dims[0] > max_batch:
+                    raise InvalidInputError(
+                        f"input '{tensor.name}' has batch size {dims[0]}, over model '{self.name}''s "
+                        f"max_batch_size {max_batch}"
+                    )
+                batch_sizes.add(dims[0])
+                dims = dims[1:]
+            if not _dims_match(dims, spec.dims):
+                expected = ([-1] if max_batch > 0 else []) + list(spec.dims)
+                raise InvalidInputError(
+                    f"input '{tensor.name}' has shape {list(tensor.shape)}; model '{self.name}' expects {expected}"
+                )
+        missing = [s.name for s in self.signature.inputs if not s.optional and s.name not in seen]
+        if missing:
+            raise InvalidInputError(f"missing input(s) {', '.join(missing)} for model '{self.name}'")
+        if len(batch_sizes) > 1:
+            raise InvalidInputError(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+        return batch_sizes.pop() if batch_sizes else 0
+
+    def _requested_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
+        if not requested:
+            return [RequestedOutput(s.name) for s in self.signature.outputs]
+        names: set[str] = set()
+        for output in requested:
+            spec = self._outputs.get(output.name)
+            if spec is None:
+                raise InvalidInputError(
+                    f"unknown output '{output.name}' for model '{self.name}'; "
+                    f"outputs: {', '.join(self._outputs)}"
+                )
+            if output.name in names:
+                raise InvalidInputError(f"output '{output.name}' is requested more than once")
+            names.add(output.name)
+            if output.classification_count and spec.datatype == "BYTES":
+                raise InvalidInputError(f"output '{output.name}' is BYTES and cannot be classified")
+        return requested
+
+    def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
+        spec = self._outputs[requested.name]
+        if requested.classification_count > 0:
+            labels = self.signature.labels.get(spec.name, [])
+            data = classify(data, requested.classification_count, labels, self.signature.max_batch_size > 0)
+            return OutputTensor(spec.name, "BYTES", tuple(data.shape), data)
+        return OutputTensor(spec.name, spec.datatype, tuple(data.shape), data)
+
+    def close(self) -> None:
+        """Waits for running work, then releases the instances."""
+        self._executor.shutdown(wait=True)
+        for instance in self._instances:
+            instance.close()
+
+
+def _timed_run(instance: Runtime, feed: dict[str, np.ndarray], names: list[str]) -> tuple[list[np.ndarray], int]:
+    start = time.perf_counter_ns()
+    try:
+        results = instance.run(feed, names)
+    except ServerError:
+        raise
+    except Exception as exc:
+        # ONNX Runtime's own messages can be long and name internal paths: log, keep it short.
+        logger.exception("model run failed")
+        raise ModelRunError(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "model run failed") from exc
+    return results, time.perf_counter_ns() - start
+
+
+class ModelRunError(ServerError):
+    """ONNX Runtime failed while running a request that passed validation."""
+
+
+def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    if len(actual) != len(declared):
+        return False
+    return all(d == -1 or a == d for a, d in zip(actual, declared))
+
+
+def classify(data: np.ndarray, k: int, labels: list[str], batched: bool) -> np.ndarray:
+    """Triton's classification extension: top-k "value:index[:label]" strings per batch element.
+
+    Args:
+        data: The output tensor (scores).
+        k: How many classes to return; capped at the number of scores.
+        labels: Label per class index, if the output has a label file.
+        batched: Whether the first dimension is the batch.
+
+    Returns:
+        A BYTES object array of shape [batch, k] (batched) or [k].
+    """
+    rows = data.reshape(data.shape[0], -1) if batched and data.ndim > 0 else data.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for r, row in enumerate(rows):
+        order = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+        for c, index in enumerate(order):
+            text = f"{float(row[index]):f}:{int(index)}"
+            if index < len(labels):
+                text += f":{labels[index]}"
+            out[r, c] = text.encode("utf-8")
+    return out if batched else out.reshape(k)

@@ -1,0 +1,83 @@
+"""Plain request and response types that flow between the RPC adapter and the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ParamValue = bool | int | float | str
+
+
+@dataclass
+class InputTensor:
+    """One input of a request, already decoded into a numpy array.
+
+    Fixed-size types are views over the received bytes; BYTES is an object array of
+    `bytes` elements.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class RequestedOutput:
+    """An output the client asked for; classification_count > 0 asks for top-k labels."""
+
+    name: str
+    classification_count: int = 0
+
+
+@dataclass
+class InferRequest:
+    """A decoded ModelInfer request."""
+
+    model_name: str
+    model_version: str = ""
+    id: str = ""
+    inputs: list[InputTensor] = field(default_factory=list)
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass
+class OutputTensor:
+    """One output of a response."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferResponse:
+    """The result of one request."""
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor] = field(default_factory=list)
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the model configuration declares it.
+
+    Attributes:
+        name: Tensor name.
+        datatype: Protocol datatype string.
+        dims: Shape without the batch dimension when the model batches; -1 is variable.
+        label_filename: For outputs, the label file named by the config ("" if none).
+        optional: For inputs, whether a request may leave it out.
+    """
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    label_filename: str = ""
+    optional: bool = False

@@ -1,0 +1,139 @@
+"""Protobuf <-> core type conversion: one pair of functions per message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.core import datatypes
+from server.core.errors import InvalidInputError
+from server.core.model import Model
+from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
+from server.repository.registry import IndexEntry
+from server.rpc import tensor_codec
+from server.rpc.pb import grpc_service_pb2 as pb
+
+MAX_DIMS = 32
+
+
+def params_from_pb(params: Any) -> dict[str, ParamValue]:
+    """An InferParameter map as plain values (unset oneofs are left out)."""
+    out: dict[str, ParamValue] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(param, choice)
+    return out
+
+
+def params_to_pb(values: dict[str, ParamValue], target: Any) -> None:
+    """Writes plain values into an InferParameter map."""
+    for key, value in values.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = str(value)
+
+
+def infer_request_from_pb(request: pb.ModelInferRequest) -> InferRequest:
+    """Decodes and checks the protocol-level rules of a ModelInferRequest.
+
+    Model-level checks (names, shapes against the model) happen in the model.
+
+    Raises:
+        InvalidInputError: unknown datatype, bad shape, raw/typed misuse, wrong byte counts.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input(s); it needs one per input"
+        )
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if not name:
+            raise InvalidInputError(f"input {index} has no name")
+        if tensor.datatype not in datatypes.BY_NAME:
+            raise InvalidInputError(
+                f"input '{name}' has unknown datatype {tensor.datatype!r}; expected one of {', '.join(datatypes.BY_NAME)}"
+            )
+        shape = tuple(tensor.shape)
+        if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+            raise InvalidInputError(f"input '{name}' has invalid shape {list(shape)}")
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(f"input '{name}' sets contents while the request uses raw_input_contents")
+            data = tensor_codec.decode_raw(raw[index], tensor.datatype, shape, name)
+        else:
+            data = tensor_codec.decode_typed(tensor.contents, tensor.datatype, shape, name)
+        inputs.append(InputTensor(name, tensor.datatype, shape, data))
+    outputs = []
+    for requested in request.outputs:
+        params = params_from_pb(requested.parameters)
+        count = params.get("classification", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidInputError(f"output '{requested.name}' classification must be a non-negative int64")
+        outputs.append(RequestedOutput(requested.name, count))
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=params_from_pb(request.parameters),
+    )
+
+
+def infer_response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
+    """Encodes a response with raw output contents, as Triton's gRPC endpoint does."""
+    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    params_to_pb(response.parameters, message.parameters)
+    for output in response.outputs:
+        message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        message.raw_output_contents.append(tensor_codec.encode_raw(output.data, output.datatype))
+    return message
+
+
+def model_metadata_to_pb(name: str, models: list[Model]) -> pb.ModelMetadataResponse:
+    """ModelMetadata for the served versions of one model (signature of the highest)."""
+    newest = models[-1]
+    batch = [-1] if newest.signature.max_batch_size > 0 else []
+    message = pb.ModelMetadataResponse(name=name, versions=[str(m.version) for m in models], platform=newest.platform)
+    for spec in newest.signature.inputs:
+        message.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + list(spec.dims))
+    for spec in newest.signature.outputs:
+        message.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + list(spec.dims))
+    return message
+
+
+def model_statistics_to_pb(model: Model, target: pb.ModelStatistics) -> None:
+    """Fills one ModelStatistics entry from a model's counters."""
+    stats = model.stats
+    target.name = model.name
+    target.version = str(model.version)
+    target.last_inference = stats.last_inference_ms
+    target.inference_count = stats.inference_count
+    target.execution_count = stats.execution_count
+    inference = target.inference_stats
+    for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        duration = getattr(stats, field_name)
+        getattr(inference, field_name).count = duration.count
+        getattr(inference, field_name).ns = duration.ns
+    for batch_size in sorted(stats.batch_stats):
+        per_batch = stats.batch_stats[batch_size]
+        entry = target.batch_stats.add(batch_size=batch_size)
+        for field_name in ("compute_input", "compute_infer", "compute_output"):
+            duration = getattr(per_batch, field_name)
+            getattr(entry, field_name).count = duration.count
+            getattr(entry, field_name).ns = duration.ns
+
+
+def repository_index_to_pb(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse:
+    """RepositoryIndex rows as the response message."""
+    message = pb.RepositoryIndexResponse()
+    for row in rows:
+        message.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+    return message

@@ -1,0 +1,195 @@
+"""Thin gRPC handlers for inference.GRPCInferenceService: convert, await the core, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from server.core.errors import PermissionDeniedError, ServerUnavailableError, UnsupportedError
+from server.repository.registry import READY, ModelRegistry
+from server.rpc import converters, status
+from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "ortserve"
+# Only what is true of this server: perf_analyzer reads ModelStatistics only when
+# "statistics" is listed, and clients probe "classification" and "model_repository".
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics", "parameters"]
+
+
+class ServerState:
+    """Whether the server is ready and whether it still takes new work."""
+
+    def __init__(self, strict_readiness: bool) -> None:
+        self.started = False
+        self.draining = False
+        self.strict_readiness = strict_readiness
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol with Triton's extensions, over a ModelRegistry.
+
+    Args:
+        registry: The loaded models.
+        state: Server readiness, shared with the app.
+        version: Server version reported in ServerMetadata.
+    """
+
+    def __init__(self, registry: ModelRegistry, state: ServerState, version: str) -> None:
+        self._registry = registry
+        self._state = state
+        self._version = version
+
+    def _check_accepting(self) -> None:
+        if self._state.draining:
+            raise ServerUnavailableError("server is shutting down")
+
+    def server_ready(self) -> bool:
+        """Ready: started, not draining, and (strict) every known model ready."""
+        if not self._state.started or self._state.draining:
+            return False
+        if self._state.strict_readiness:
+            return all(e.state == READY for e in self._registry.entries())
+        return True
+
+    @status.unary
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @status.unary
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.server_ready())
+
+    @status.unary
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+
+    @status.unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        ready = not self._state.draining and self._registry.is_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @status.unary
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        self._registry.get(request.name, request.version)  # refuses empty, unknown, unready
+        models = self._registry.models(request.name, request.version)
+        return converters.model_metadata_to_pb(request.name, models)
+
+    @status.unary
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        self._check_accepting()
+        return await self._infer(request)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        model = self._registry.get(request.model_name, request.model_version)
+        infer_request = converters.infer_request_from_pb(request)
+        response = await model.infer(infer_request)
+        return converters.infer_response_to_pb(response)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in request order; requests run concurrently.
+
+        Errors travel in `error_message` and the stream stays open, unless the client
+        sent the `triton_grpc_error: true` header, which closes the stream with a status.
+        """
+        grpc_errors = any(k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata() or ())
+        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(maxsize=256)
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    self._check_accepting()
+                    await pending.put(asyncio.ensure_future(self._infer(request)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    response = await task
+                except Exception as exc:
+                    code, message = status.status_for(exc)
+                    if code == grpc.StatusCode.INTERNAL:
+                        logger.error("ModelStreamInfer request failed", exc_info=exc)
+                    if grpc_errors:
+                        await context.abort(code, message)
+                    yield pb.ModelStreamInferResponse(error_message=message)
+                    continue
+                response.parameters["triton_final_response"].bool_param = True
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            if reader.done() and reader.exception() is not None:
+                code, message = status.status_for(reader.exception())  # type: ignore[arg-type]
+                await context.abort(code, message)
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    @status.unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        model = self._registry.get(request.name, request.version)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(model.config)
+        return response
+
+    @status.unary
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        for model in self._registry.models(request.name, request.version):
+            converters.model_statistics_to_pb(model, response.model_stats.add())
+        return response
+
+    @status.unary
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return converters.repository_index_to_pb(self._registry.index(ready_only=request.ready))
+
+    @status.unary
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        raise PermissionDeniedError("model loading through the API needs --model-control-mode explicit")
+
+    @status.unary
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        raise PermissionDeniedError("model unloading through the API needs --model-control-mode explicit")
+
+
+def _unsupported(feature: str) -> Callable[..., object]:
+    @status.unary
+    async def handler(self: InferenceServicer, request: object, context: grpc.aio.ServicerContext) -> object:
+        raise UnsupportedError(f"{feature} is not supported by this server")
+
+    return handler
+
+
+for _rpc, _feature in [
+    ("SystemSharedMemoryStatus", "system shared memory"),
+    ("SystemSharedMemoryRegister", "system shared memory"),
+    ("SystemSharedMemoryUnregister", "system shared memory"),
+    ("CudaSharedMemoryStatus", "CUDA shared memory"),
+    ("CudaSharedMemoryRegister", "CUDA shared memory"),
+    ("CudaSharedMemoryUnregister", "CUDA shared memory"),
+    ("TraceSetting", "tracing"),
+    ("LogSettings", "changing log settings at run time"),
+]:
+    setattr(InferenceServicer, _rpc, _unsupported(_feature))

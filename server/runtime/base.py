@@ -1,0 +1,55 @@
+"""The contract between the scheduler and an execution backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """A tensor as the model file itself declares it.
+
+    Attributes:
+        name: Tensor name.
+        datatype: Protocol datatype string, or "" if the protocol cannot carry the type.
+        type_name: The backend's own type name, for error messages.
+        shape: Dimensions; -1 for a symbolic or unknown dimension.
+    """
+
+    name: str
+    datatype: str
+    type_name: str
+    shape: tuple[int, ...]
+
+
+class Runtime(ABC):
+    """One loaded copy of a model (one model instance) that can run a batch."""
+
+    @property
+    @abstractmethod
+    def inputs(self) -> Sequence[GraphTensor]:
+        """The graph's inputs."""
+
+    @property
+    @abstractmethod
+    def outputs(self) -> Sequence[GraphTensor]:
+        """The graph's outputs."""
+
+    @property
+    @abstractmethod
+    def providers(self) -> Sequence[str]:
+        """The execution providers actually in use, best first."""
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Runs the graph; blocks, so callers run it off the event loop.
+
+        BYTES tensors go in and come out as object arrays of `bytes`.
+        """
+
+    def close(self) -> None:
+        """Releases the instance's resources."""

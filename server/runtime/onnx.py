@@ -1,0 +1,163 @@
+"""ONNX Runtime sessions: provider choice, session options and the run call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.core import datatypes
+from server.core.errors import InvalidInputError, ModelLoadError
+from server.runtime.base import GraphTensor, Runtime
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class SessionOptions:
+    """What the model config and server settings say about one session.
+
+    Attributes:
+        providers: Execution providers to ask for, best first (CPU is always added last).
+        quiet_fallback: Log a fall-back to fewer providers at info, not warning
+            (for --device auto, where the CPU is an expected outcome).
+        intra_op_threads: Threads inside one operator; 0 lets ONNX Runtime choose.
+        inter_op_threads: Threads across operators (parallel execution mode only).
+        parallel_execution: Run independent graph branches in parallel.
+        graph_optimization: One of disable, basic, extended, all.
+        enable_mem_arena: Use ONNX Runtime's CPU memory arena.
+        provider_options: Per-provider options, keyed by provider name.
+    """
+
+    providers: list[str] = field(default_factory=lambda: [CPU])
+    quiet_fallback: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    parallel_execution: bool = False
+    graph_optimization: str = "all"
+    enable_mem_arena: bool = True
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def available_providers() -> list[str]:
+    """Providers this ONNX Runtime build offers (offered is not the same as working)."""
+    return list(ort.get_available_providers())
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver loaded.
+
+    onnxruntime-gpu offers the CUDA provider on any machine; trying it where no
+    driver exists only prints library-load errors, so --device auto asks this first.
+    """
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def _graph_tensor(arg: ort.NodeArg) -> GraphTensor:
+    dtype = datatypes.BY_ONNX_NAME.get(arg.type)
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return GraphTensor(arg.name, dtype.name if dtype else "", arg.type, shape)
+
+
+class OnnxRuntimeSession(Runtime):
+    """One ONNX Runtime InferenceSession, created from bytes held in memory.
+
+    The model is read into memory once at load, so files changed on disk later do
+    not affect a loaded model.
+    """
+
+    def __init__(self, model_bytes: bytes, model_dir: Path, options: SessionOptions) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if options.parallel_execution else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        so.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization]
+        so.enable_cpu_mem_arena = options.enable_mem_arena
+        so.log_severity_level = 3  # errors only: provider fallbacks are logged by us
+        # A model given as bytes has no path; tell ORT where its external data lives.
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+        requested = [p for p in options.providers if p != CPU] + [CPU]
+        provider_options = [options.provider_options.get(p, {}) for p in requested]
+        try:
+            self._session = ort.InferenceSession(
+                model_bytes, sess_options=so, providers=requested, provider_options=provider_options
+            )
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise ModelLoadError(f"ONNX Runtime could not create a session: {_first_line(exc)}") from exc
+        self._providers = list(self._session.get_providers())
+        missing = [p for p in requested if p not in self._providers]
+        if missing:
+            log = logger.info if options.quiet_fallback else logger.warning
+            log(
+                "execution provider(s) %s requested but not usable here (no device, or its libraries "
+                "are missing); running on %s",
+                ", ".join(missing),
+                ", ".join(self._providers),
+            )
+        self._inputs = [_graph_tensor(a) for a in self._session.get_inputs()]
+        self._outputs = [_graph_tensor(a) for a in self._session.get_outputs()]
+        self._string_inputs = {t.name for t in self._inputs if t.datatype == "BYTES"}
+
+    @property
+    def inputs(self) -> Sequence[GraphTensor]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[GraphTensor]:
+        return self._outputs
+
+    @property
+    def providers(self) -> Sequence[str]:
+        return self._providers
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        feed = {name: (_bytes_to_str(name, arr) if name in self._string_inputs else arr) for name, arr in inputs.items()}
+        results = self._session.run(list(output_names), feed)
+        return [_str_to_bytes(r) if r.dtype == object else r for r in results]
+
+    def close(self) -> None:
+        del self._session
+
+
+def _bytes_to_str(name: str, arr: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's Python binding takes text for string tensors, so bytes must be UTF-8."""
+    out = np.empty(arr.shape, dtype=object)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        try:
+            flat_out[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(
+                f"input '{name}' element {i} is not valid UTF-8; ONNX string tensors hold text"
+            ) from exc
+    return out
+
+
+def _str_to_bytes(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape, dtype=object)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        flat_out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,44 @@
+"""Server settings: command-line flags, with SERVER_* environment variables as defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything `ortserve serve` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVER_", frozen=True)
+
+    model_repository: Path = Path("model_repository")
+    """Directory holding one folder per model."""
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = Field(8001, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (see port_file)."""
+    port_file: Path | None = None
+    """If set, the bound port is written here once the server is ready (for tests and scripts)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when this ONNX Runtime build and machine have it, else CPU."""
+    max_receive_message_bytes: int = Field(1 << 30, ge=4 << 20)
+    """Largest request accepted (gRPC's own default is 4 MiB)."""
+    max_send_message_bytes: int = Field(1 << 30, ge=4 << 20)
+    """Largest response sent."""
+    default_max_batch_size: int = Field(64, ge=1)
+    """max_batch_size of models whose config leaves it out and whose graph batches."""
+    strict_readiness: bool = True
+    """ServerReady is true only while every model is ready (Triton's default)."""
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """How long in-flight requests may take to finish after SIGTERM or Ctrl-C."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Server log level."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_send_message_bytes > (1 << 31) - 1 or self.max_receive_message_bytes > (1 << 31) - 1:
+            raise ValueError("message size limits must be below 2 GiB (gRPC's limit)")
+        return self
