@@ -1,0 +1,157 @@
+"""Shared fixtures: a model repository built by our exporters, and a real server process on loopback.
+
+The server runs as a child process (`python -m server serve --port 0`) so that tests
+exercise the real CLI, signal handling and wire, exactly as a client sees them.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from exporters.export import ExportSpec, export_torch
+from exporters.graphs import ONNX_TYPES, export_graph, identity_model, suffix_model
+from exporters.models import digits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SlowModel(torch.nn.Module):
+    """A fixed [256, 512] FP32 model that takes a noticeable time (for shutdown tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.weight = torch.nn.Parameter(torch.randn(512, 512) / 512**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(60):
+            x = torch.tanh(x @ self.weight)
+        return x
+
+
+class AddSub(torch.nn.Module):
+    """Two fixed-shape [4] FP32 inputs -> sum and difference; no batching."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + b, a - b
+
+
+@dataclass
+class TestRepository:
+    """The repository path and the trained digits model (to compare with PyTorch)."""
+
+    path: Path
+    digits_model: digits.DigitsCNN
+
+
+def build_repository(root: Path) -> TestRepository:
+    """Every test model, made by our exporters with fixed seeds."""
+    config = digits.DigitsConfig(epochs=6)
+    model, _ = digits.train(config, progress=False)
+    digits.export(model, root)
+    export_torch(
+        AddSub(), (torch.zeros(4), torch.zeros(4)),
+        ExportSpec(["a", "b"], ["sum", "difference"], dynamic_batch=False), root, "addsub",
+    )
+    export_torch(
+        SlowModel(), (torch.zeros(256, 512),),
+        ExportSpec(["x"], ["y"], dynamic_batch=False, atol=1e-3), root, "slow",
+    )
+    for datatype in ONNX_TYPES:
+        export_graph(
+            identity_model([datatype], ["batch", 2]), ExportSpec([], [], max_batch_size=8), root,
+            f"identity_{datatype.lower()}",
+        )
+    export_graph(suffix_model("!"), ExportSpec([], [], max_batch_size=8), root, "suffix")
+    broken = root / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not an onnx model")
+    return TestRepository(root, model)
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> TestRepository:
+    return build_repository(tmp_path_factory.mktemp("model_repository"))
+
+
+class ServerProcess:
+    """An `ortserve serve` child process on a free loopback port."""
+
+    def __init__(self, repository: Path, workdir: Path, *extra: str) -> None:
+        self.port_file = workdir / "port"
+        self.log_path = workdir / "server.log"
+        self.port_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *extra,
+        ]
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not self.port_file.exists() or not self.port_file.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._log.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def server(repository: TestRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess(repository.path, tmp_path_factory.mktemp("server"), "--strict-readiness", "false")
+    yield process
+    code = process.stop()
+    assert code == 0, f"server exited with {code}:\n{process.log()}"
+
+
+@pytest.fixture(scope="session")
+def triton(server: ServerProcess):  # type: ignore[no-untyped-def]
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel):  # type: ignore[no-untyped-def]
+    """tritonclient's own generated stub: a client we did not write, speaking the raw messages."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    return service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep torch from fighting the server process for the 2 cores.
+    torch.set_num_threads(1)
