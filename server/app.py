@@ -15,7 +15,7 @@ from server.repository.registry import READY, ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc.pb import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
+from server.rpc.registration import add_inference_service
 from server.rpc.servicers import InferenceServicer, ServerState
 from server.settings import Settings
 
@@ -71,7 +71,7 @@ class OrtServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server, pool=_reflection_pool())

@@ -140,7 +140,8 @@ def triton(server: ServerProcess):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as chan:
+    options = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
+    with grpc.insecure_channel(server.address, options=options) as chan:
         yield chan
 
 

@@ -110,6 +110,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     self._check_accepting()
+                    status.check_parsed(request)
                     await pending.put(asyncio.ensure_future(self._infer(request)))
             finally:
                 await pending.put(None)

@@ -11,6 +11,7 @@ import grpc
 
 from server.core import errors
 from server.core.model import ModelRunError
+from server.rpc.registration import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+def check_parsed(request: Any) -> None:
+    """Raises InvalidInputError for a request body that did not parse."""
+    if isinstance(request, MalformedRequest):
+        raise errors.InvalidInputError(f"request body is not a valid {request.type_name}: {request.reason}")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -55,6 +62,7 @@ def unary(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            check_parsed(request)
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise

@@ -1,0 +1,57 @@
+"""Registers the inference service with deserializers that cannot make gRPC answer UNKNOWN.
+
+grpc-python answers UNKNOWN when a request body fails to parse. Our deserializer
+returns a MalformedRequest marker instead, and the handlers' status wrapper turns
+it into INVALID_ARGUMENT, so every failure has a meaningful code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server.rpc.pb import grpc_service_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse."""
+
+    type_name: str
+    reason: str
+
+
+def _safe_deserializer(message_class: type) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(message_class.__name__, str(exc) or "decode error")
+
+    return deserialize
+
+
+def add_inference_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        behaviour = getattr(servicer, method.name)
+        deserializer = _safe_deserializer(request_class)
+        serializer = getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        elif method.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_deserializer=deserializer, response_serializer=serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
