@@ -1,0 +1,154 @@
+"""Model repository reading, config completion and version selection, without a server."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exporters.export import ExportSpec
+from exporters.graphs import export_graph, identity_model, suffix_model
+from server.core.errors import InvalidInputError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from server.repository.loader import load_model, select_versions
+from server.repository.registry import ModelRegistry
+from server.repository.repository import ModelRepository, parse_config
+from server.rpc.pb import model_config_pb2 as mc
+
+PBTXT = """
+name: "m"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, -1 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 100 preferred_batch_size: [ 4, 8 ] }
+instance_group [ { count: 2 kind: KIND_CPU } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+YAML = """
+name: m
+max_batch_size: 8
+input:
+  - {name: x, data_type: TYPE_FP32, dims: [3, -1]}
+dynamic_batching: {max_queue_delay_microseconds: 100, preferred_batch_size: [4, 8]}
+instance_group: [{count: 2, kind: KIND_CPU}]
+parameters: {intra_op_thread_count: {string_value: "1"}}
+"""
+JSON = """{"name": "m", "maxBatchSize": 8, "input": [{"name": "x", "dataType": "TYPE_FP32", "dims": ["3", "-1"]}],
+"dynamicBatching": {"maxQueueDelayMicroseconds": "100", "preferredBatchSize": [4, 8]},
+"instanceGroup": [{"count": 2, "kind": "KIND_CPU"}], "parameters": {"intra_op_thread_count": {"stringValue": "1"}}}"""
+
+
+def test_the_three_config_formats_read_the_same() -> None:
+    configs = [parse_config(PBTXT, ".pbtxt"), parse_config(YAML, ".yaml"), parse_config(JSON, ".json")]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].dynamic_batching.preferred_batch_size == [4, 8]
+
+
+@pytest.mark.parametrize("text, suffix", [("max_batch_size: oops", ".pbtxt"), ("no_such_field: 1", ".pbtxt"), ("[1, 2]", ".yaml"), ("{", ".json")])
+def test_bad_configs_name_the_problem(text: str, suffix: str) -> None:
+    with pytest.raises(ModelLoadError, match="config"):
+        parse_config(text, suffix)
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> ModelRepository:
+    export_graph(identity_model(["FP32"], ["batch", 3]), ExportSpec([], [], max_batch_size=4), tmp_path, "ident")
+    export_graph(suffix_model(), ExportSpec([], [], max_batch_size=4), tmp_path, "text")
+    return ModelRepository(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/etc", "", ".hidden", "x" * 200])
+def test_names_that_escape_or_are_invalid_are_refused(repo: ModelRepository, name: str) -> None:
+    with pytest.raises(InvalidInputError):
+        repo.model_dir(name)
+
+
+def test_symlink_out_of_the_repository_is_refused(repo: ModelRepository, tmp_path: Path) -> None:
+    outside = tmp_path.parent / "outside_model"
+    outside.mkdir(exist_ok=True)
+    (repo.root / "sneaky").symlink_to(outside)
+    with pytest.raises(InvalidInputError):
+        repo.model_dir("sneaky")
+
+
+def test_a_config_free_model_is_completed_from_the_graph(repo: ModelRepository) -> None:
+    (repo.root / "ident" / "config.pbtxt").unlink()
+    [model] = load_model(repo, "ident", "cpu", default_max_batch_size=16)
+    assert model.signature.max_batch_size == 16
+    assert [(s.name, s.datatype, s.dims) for s in model.signature.inputs] == [("in_fp32", "FP32", (3,))]
+    assert model.config.platform == "onnxruntime_onnx"
+    assert model.config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    model.close()
+
+
+def test_a_partial_config_keeps_what_it_says(repo: ModelRepository) -> None:
+    (repo.root / "ident" / "config.pbtxt").write_text('max_batch_size: 2 output [{ name: "out_fp32" }]')
+    [model] = load_model(repo, "ident", "cpu", default_max_batch_size=16)
+    assert model.signature.max_batch_size == 2
+    assert [s.name for s in model.signature.inputs] == ["in_fp32"]
+    model.close()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('input [{ name: "nope" }]', "is not in the model"),
+        ('max_batch_size: 4 input [{ name: "in_fp32" data_type: TYPE_INT32 }]', "TYPE_INT32"),
+        ('max_batch_size: 4 input [{ name: "in_fp32" dims: [4] }]', "dims"),
+        ('max_batch_size: 4 input [{ name: "in_fp32" dims: [3, 1] }]', "dims"),
+        ('name: "other"', "directory is 'ident'"),
+        ('platform: "tensorflow_savedmodel"', "not supported"),
+        ('default_model_filename: "../model.onnx"', "plain file name"),
+        ('parameters { key: "intra_op_thread_count" value { string_value: "many" } }', "bad session parameter"),
+        ('parameters { key: "graph_optimization_level" value { string_value: "max" } }', "graph_optimization_level"),
+        ('version_policy { specific { versions: [3] } }', "not in the repository"),
+        ('output [{ name: "out_fp32" label_filename: "../../etc/passwd" }]', "label file"),
+    ],
+)
+def test_configs_that_contradict_the_model_fail_with_a_reason(repo: ModelRepository, config: str, message: str) -> None:
+    (repo.root / "ident" / "config.pbtxt").write_text(config)
+    with pytest.raises(ModelLoadError, match=message.replace("(", r"\(")):
+        load_model(repo, "ident", "cpu", default_max_batch_size=8)
+
+
+def test_version_policies() -> None:
+    latest = mc.ModelVersionPolicy()
+    assert select_versions(latest, [3, 1, 2]) == [3]
+    two = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=2))
+    assert select_versions(two, [3, 1, 2]) == [2, 3]
+    every = mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    assert select_versions(every, [3, 1, 2]) == [1, 2, 3]
+    some = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[1, 3]))
+    assert select_versions(some, [3, 1, 2]) == [1, 3]
+
+
+def test_registry_serves_versions_and_survives_a_broken_model(repo: ModelRepository) -> None:
+    shutil.copytree(repo.root / "ident" / "1", repo.root / "ident" / "2")
+    (repo.root / "ident" / "config.pbtxt").write_text("version_policy { all {} }")
+    bad = repo.root / "bad" / "1"
+    bad.mkdir(parents=True)
+    (bad / "model.onnx").write_bytes(b"\x00\x01")
+    registry = ModelRegistry(repo, "cpu", 8)
+    registry.load_all()
+    try:
+        assert registry.get("ident").version == 2
+        assert registry.get("ident", "1").version == 1
+        assert registry.get("text").name == "text"
+        with pytest.raises(ModelNotFoundError):
+            registry.get("ident", "5")
+        with pytest.raises(ModelNotReadyError, match="ONNX Runtime could not create a session"):
+            registry.get("bad")
+        rows = {(r.name, r.version): r for r in registry.index()}
+        assert rows[("ident", "1")].state == rows[("ident", "2")].state == "READY"
+        assert rows[("bad", "")].state == "UNAVAILABLE"
+        assert [r.name for r in registry.index(ready_only=True)] == ["ident", "ident", "text"]
+    finally:
+        registry.close()
+
+
+def test_loaded_model_does_not_read_its_file_again(repo: ModelRepository) -> None:
+    [model] = load_model(repo, "ident", "cpu", 8)
+    (repo.root / "ident" / "1" / "model.onnx").write_bytes(b"garbage")
+    import numpy as np
+
+    assert model._instances[0].run({"in_fp32": np.ones((1, 3), np.float32)}, ["out_fp32"])[0].tolist() == [[1, 1, 1]]
+    model.close()
