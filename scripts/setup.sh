@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv and installs ortserve with its test and export extras.
-# Idempotent: a second run only checks that everything is installed.
+# Creates .venv and installs ortserve into it. Safe to run again.
+#   scripts/setup.sh            everything: the server, the exporters (CPU torch) and the test tools
+#   scripts/setup.sh --runtime  the server and its clients only (what serving needs; used by the Dockerfile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "ortserve needs Python >= 3.10" >&2; exit 1; }
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-PIP=".venv/bin/python -m pip"
+PIP=".venv/bin/python -m pip --disable-pip-version-check"
 $PIP install --quiet --upgrade pip
-# The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build, and the
-# exporters only need the CPU. Override with TORCH_SPEC for another build.
-$PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-$PIP install --quiet -e ".[export,dev]"
+if [ "${1:-}" = "--runtime" ]; then
+    $PIP install --quiet -e .
+else
+    # The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build, and
+    # the exporters only need the CPU. TORCH_SPEC overrides it.
+    $PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    $PIP install --quiet -e ".[export,dev]"
+fi

@@ -1,0 +1,26 @@
+# ortserve: serves model_repository/ on port 8001.
+#   CPU (default):  docker build -t ortserve .
+#   CUDA:           docker build -t ortserve:cuda \
+#                     --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 .
+#                   docker run --gpus all -p 8001:8001 ortserve:cuda
+# onnxruntime-gpu (a dependency on Linux x86_64) runs on the CPU when no GPU is
+# present, so both images install the same way; the CUDA base adds CUDA 13 and cuDNN 9.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# The CUDA base images have no Python; the python images have it already.
+RUN if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+RUN useradd --create-home --uid 10001 ortserve
+WORKDIR /app
+COPY --chown=ortserve:ortserve . /app
+USER ortserve
+RUN bash scripts/setup.sh --runtime
+
+EXPOSE 8001
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD [".venv/bin/python", "-m", "server.healthcheck", "--address", "127.0.0.1:8001"]
+CMD [".venv/bin/ortserve", "serve", "--model-repository", "model_repository", "--port", "8001"]
