@@ -105,6 +105,7 @@ class OrtServer:
         logger.info("shutting down: waiting up to %.1fs for in-flight requests", self.settings.shutdown_grace_s)
         await self._server.stop(self.settings.shutdown_grace_s)
         self._server = None
+        await asyncio.gather(*(model.stop() for model in self.registry.models()))
         await asyncio.to_thread(self.registry.close)
         logger.info("stopped")
 

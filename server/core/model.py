@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -12,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from server.core.errors import InvalidInputError, ServerError
+from server.core.batcher import ModelRunError, Scheduler, SchedulerConfig
+from server.core.errors import InvalidInputError
 from server.core.statistics import ModelStats
-from server.core.types import InferRequest, InferResponse, OutputTensor, RequestedOutput, TensorSpec
+from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -39,14 +39,15 @@ class ModelSignature:
 
 
 class Model:
-    """One version of one model, with its instances, ready to serve.
+    """One version of one model, with its instances and scheduler, ready to serve.
 
     Args:
         name: Model name.
         version: Version number.
         platform: Platform string reported in metadata ("onnxruntime_onnx").
         signature: Inputs, outputs, batching and labels.
-        instances: One runtime per model instance; each runs one request at a time.
+        instances: One runtime per model instance; each runs one batch at a time.
+        scheduler_config: Queueing and batching settings.
         config: The completed model configuration message (returned by ModelConfig).
     """
 
@@ -57,6 +58,7 @@ class Model:
         platform: str,
         signature: ModelSignature,
         instances: Sequence[Runtime],
+        scheduler_config: SchedulerConfig,
         config: Any,
     ) -> None:
         self.name = name
@@ -69,56 +71,48 @@ class Model:
         self._inputs = {s.name: s for s in signature.inputs}
         self._outputs = {s.name: s for s in signature.outputs}
         self._executor = ThreadPoolExecutor(max_workers=len(self._instances), thread_name_prefix=f"ort-{name}")
-        # Created on first use: an asyncio.Queue belongs to the loop that runs it.
-        self._idle: asyncio.Queue[Runtime] | None = None
+        self.scheduler = Scheduler(name, self._instances, self._executor, scheduler_config, self.stats)
 
     @property
     def providers(self) -> Sequence[str]:
         """Execution providers the instances actually run on."""
         return self._instances[0].providers
 
-    def _idle_instances(self) -> asyncio.Queue[Runtime]:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for instance in self._instances:
-                self._idle.put_nowait(instance)
-        return self._idle
+    async def infer(self, request: InferRequest, deadline_s: float | None = None) -> InferResponse:
+        """Validates a request, queues it, and builds its response.
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Validates and runs one request on the first idle instance.
+        Args:
+            request: The decoded request.
+            deadline_s: Seconds left before the client's deadline, if it set one.
 
         Raises:
             InvalidInputError: the request does not match the model's signature.
+            QueueFullError, DeadlineExceededError: from the scheduler.
         """
         start = time.perf_counter_ns()
         ok = False
-        queue_ns = 0
         try:
             batch_size = self.validate(request)
             outputs = self._requested_outputs(request.outputs)
-            idle = self._idle_instances()
-            instance = await idle.get()
-            queue_ns = time.perf_counter_ns() - start
-            try:
-                loop = asyncio.get_running_loop()
-                results, infer_ns = await loop.run_in_executor(
-                    self._executor, _timed_run, instance, {t.name: t.data for t in request.inputs}, [o.name for o in outputs]
-                )
-            finally:
-                idle.put_nowait(instance)
-            out_start = time.perf_counter_ns()
+            priority, timeout_us = _scheduling_parameters(request.parameters)
+            results = await self.scheduler.submit(
+                {t.name: t.data for t in request.inputs},
+                batch_size,
+                [o.name for o in outputs],
+                priority=priority,
+                timeout_us=timeout_us,
+                deadline_s=deadline_s,
+            )
             response = InferResponse(
                 model_name=self.name,
                 model_version=str(self.version),
                 id=request.id,
                 outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
             )
-            output_ns = time.perf_counter_ns() - out_start
-            self.stats.record_execution(max(batch_size, 1), 1, 0, infer_ns, output_ns)
             ok = True
             return response
         finally:
-            self.stats.record_request(ok, time.perf_counter_ns() - start, queue_ns)
+            self.stats.record_request(ok, time.perf_counter_ns() - start)
 
     def validate(self, request: InferRequest) -> int:
         """Checks inputs against the signature and returns the request's batch size (0 if none)."""
@@ -190,6 +184,10 @@ class Model:
             return OutputTensor(spec.name, "BYTES", tuple(data.shape), data)
         return OutputTensor(spec.name, spec.datatype, tuple(data.shape), data)
 
+    async def stop(self) -> None:
+        """Stops the scheduler's workers (requests still queued fail)."""
+        await self.scheduler.close()
+
     def close(self) -> None:
         """Waits for running work, then releases the instances."""
         self._executor.shutdown(wait=True)
@@ -197,21 +195,15 @@ class Model:
             instance.close()
 
 
-def _timed_run(instance: Runtime, feed: dict[str, np.ndarray], names: list[str]) -> tuple[list[np.ndarray], int]:
-    start = time.perf_counter_ns()
-    try:
-        results = instance.run(feed, names)
-    except ServerError:
-        raise
-    except Exception as exc:
-        # ONNX Runtime's own messages can be long and name internal paths: log, keep it short.
-        logger.exception("model run failed")
-        raise ModelRunError(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "model run failed") from exc
-    return results, time.perf_counter_ns() - start
-
-
-class ModelRunError(ServerError):
-    """ONNX Runtime failed while running a request that passed validation."""
+def _scheduling_parameters(parameters: dict[str, ParamValue]) -> tuple[int, int]:
+    """The request's `priority` and `timeout` (microseconds) parameters, checked."""
+    values = []
+    for key in ("priority", "timeout"):
+        value = parameters.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
+        values.append(value)
+    return values[0], values[1]
 
 
 def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:
@@ -243,3 +235,6 @@ def classify(data: np.ndarray, k: int, labels: list[str], batched: bool) -> np.n
                 text += f":{labels[index]}"
             out[r, c] = text.encode("utf-8")
     return out if batched else out.reshape(k)
+
+
+__all__ = ["Model", "ModelSignature", "ModelRunError", "classify"]

@@ -66,9 +66,12 @@ class ModelStats:
             self.compute_infer.add(infer_ns * request_count, request_count)
             self.compute_output.add(output_ns * request_count, request_count)
 
-    def record_request(self, ok: bool, total_ns: int, queue_ns: int) -> None:
-        """Records the end of one request: success or failure, and its time in queue."""
+    def record_request(self, ok: bool, total_ns: int) -> None:
+        """Records the end of one request, success or failure, with its time in the server."""
         with self._lock:
             (self.success if ok else self.fail).add(total_ns)
-            if ok:
-                self.queue.add(queue_ns)
+
+    def queue_wait(self, ns: int) -> None:
+        """Records one request's time between arrival in the queue and the start of its run."""
+        with self._lock:
+            self.queue.add(ns)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 from server.core import datatypes
+from server.core.batcher import QueuePolicy, SchedulerConfig
 from server.core.errors import ModelLoadError
 from server.core.types import TensorSpec
 from server.runtime import onnx as ort_runtime
@@ -170,3 +171,49 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
     if options.intra_op_threads < 0 or options.inter_op_threads < 0:
         raise ModelLoadError("thread counts must be >= 0")
     return options
+
+
+def _queue_policy(policy: mc.ModelQueuePolicy) -> QueuePolicy:
+    if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
+        raise ModelLoadError("queue policy timeout_action DELAY is not supported; use REJECT")
+    return QueuePolicy(
+        max_queue_size=policy.max_queue_size,
+        default_timeout_us=policy.default_timeout_microseconds,
+        allow_timeout_override=policy.allow_timeout_override,
+    )
+
+
+def scheduler_config(config: mc.ModelConfig, hard_queue_limit: int) -> SchedulerConfig:
+    """Queueing and batching settings from a completed config (Triton's dynamic_batching fields).
+
+    Raises:
+        ModelLoadError: for inconsistent values (naming them).
+    """
+    if not config.HasField("dynamic_batching"):
+        return SchedulerConfig(max_batch_size=config.max_batch_size, hard_queue_limit=hard_queue_limit)
+    batching = config.dynamic_batching
+    preferred = tuple(sorted(batching.preferred_batch_size))
+    if config.max_batch_size == 0:
+        raise ModelLoadError("dynamic_batching needs max_batch_size > 0")
+    bad = [p for p in preferred if p < 1 or p > config.max_batch_size]
+    if bad:
+        raise ModelLoadError(f"preferred_batch_size {bad} must be between 1 and max_batch_size {config.max_batch_size}")
+    levels = int(batching.priority_levels)
+    if batching.default_priority_level > max(levels, 1) or (levels and batching.default_priority_level == 0 and levels > 1):
+        raise ModelLoadError(
+            f"default_priority_level {batching.default_priority_level} must be between 1 and priority_levels {levels}"
+        )
+    unknown = [level for level in batching.priority_queue_policy if level < 1 or level > max(levels, 1)]
+    if unknown:
+        raise ModelLoadError(f"priority_queue_policy names level(s) {unknown} outside 1..{max(levels, 1)}")
+    return SchedulerConfig(
+        max_batch_size=config.max_batch_size,
+        dynamic_batching=True,
+        max_queue_delay_us=int(batching.max_queue_delay_microseconds),
+        preferred_batch_sizes=preferred,
+        priority_levels=levels,
+        default_priority_level=int(batching.default_priority_level),
+        default_policy=_queue_policy(batching.default_queue_policy),
+        priority_policies={int(k) - 1: _queue_policy(v) for k, v in batching.priority_queue_policy.items()},
+        hard_queue_limit=hard_queue_limit,
+    )

@@ -13,6 +13,9 @@ from server.rpc.pb import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 
+# Queued requests per model version whatever the config says: bounds memory.
+HARD_QUEUE_LIMIT = 10_000
+
 
 def select_versions(policy: mc.ModelVersionPolicy, available: list[int]) -> list[int]:
     """Applies Triton's version_policy; the default serves the latest version only."""
@@ -92,7 +95,8 @@ def _load_version(
             group.count = max(group.count, 1)
         config.parameters["execution_provider"].string_value = first.providers[0]
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
-        model = Model(name, version, config.platform, signature, instances, config)
+        scheduling = model_config.scheduler_config(config, HARD_QUEUE_LIMIT)
+        model = Model(name, version, config.platform, signature, instances, scheduling, config)
     except BaseException:
         for instance in instances:
             instance.close()

@@ -87,12 +87,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @status.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         self._check_accepting()
-        return await self._infer(request)
+        return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None = None) -> pb.ModelInferResponse:
         model = self._registry.get(request.model_name, request.model_version)
         infer_request = converters.infer_request_from_pb(request)
-        response = await model.infer(infer_request)
+        response = await model.infer(infer_request, deadline_s)
         return converters.infer_response_to_pb(response)
 
     async def ModelStreamInfer(

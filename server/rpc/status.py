@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from server.core import errors
-from server.core.model import ModelRunError
+from server.core.batcher import ModelRunError
 from server.rpc.registration import MalformedRequest
 
 logger = logging.getLogger(__name__)

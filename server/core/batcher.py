@@ -1,0 +1,365 @@
+"""The per-model scheduler: a bounded priority queue feeding every instance, with dynamic batching.
+
+Each instance has one worker task. A worker takes the oldest request of the highest
+priority, adds queued requests that can share its run (same non-batch shapes and
+outputs) up to max_batch_size, runs the merged batch off the event loop, and hands
+each request its slice of the outputs. An idle worker dispatches at once; under load,
+requests pile up while instances are busy and the next run takes them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.core.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotReadyError,
+    QueueFullError,
+    ServerError,
+)
+from server.core.statistics import ModelStats
+from server.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy (timeout_action REJECT).
+
+    Attributes:
+        max_queue_size: Most requests waiting at this priority; 0 is unbounded by policy
+            (the scheduler's own hard limit still applies).
+        default_timeout_us: Time a request may wait in the queue; 0 is no limit.
+        allow_timeout_override: Whether a request's `timeout` parameter replaces the default.
+    """
+
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How one model's requests are queued and batched.
+
+    Attributes:
+        max_batch_size: 0 when tensors have no batch dimension (one request per run).
+        dynamic_batching: Merge queued requests into one run.
+        max_queue_delay_us: How long the oldest request may wait for a fuller batch.
+        preferred_batch_sizes: Batch sizes worth dispatching without waiting more.
+        priority_levels: Number of priority levels (1 is highest); 0 means one level.
+        default_priority_level: Level of requests that give none.
+        default_policy: Queue policy of every level without its own.
+        priority_policies: Per-level queue policies.
+        hard_queue_limit: Upper bound on queued requests whatever the policies say, so
+            memory stays bounded.
+    """
+
+    max_batch_size: int = 0
+    dynamic_batching: bool = False
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    default_policy: QueuePolicy = QueuePolicy()
+    priority_policies: dict[int, QueuePolicy] = field(default_factory=dict)
+    hard_queue_limit: int = 10_000
+
+    def policy(self, level: int) -> QueuePolicy:
+        return self.priority_policies.get(level, self.default_policy)
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """A request waiting for (or in) a run."""
+
+    inputs: dict[str, np.ndarray]
+    batch_size: int
+    output_names: tuple[str, ...]
+    level: int
+    key: tuple
+    enqueued_ns: int
+    future: asyncio.Future[list[np.ndarray]]
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = True
+
+
+class Scheduler:
+    """Queues requests for one model version and runs them on its instances.
+
+    Args:
+        name: Model name, for logs.
+        instances: The model's runtimes; one worker task each.
+        executor: Threads that run the blocking ONNX Runtime calls.
+        config: Queueing and batching settings.
+        stats: Where statistics are recorded.
+    """
+
+    def __init__(
+        self, name: str, instances: Sequence[Runtime], executor: Executor, config: SchedulerConfig, stats: ModelStats
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.stats = stats
+        self._instances = list(instances)
+        self._executor = executor
+        levels = max(config.priority_levels, 1)
+        self._queues: list[collections.deque[PendingRequest]] = [collections.deque() for _ in range(levels)]
+        self._queued_per_level = [0] * levels
+        self._queued = 0
+        self._workers: list[asyncio.Task[None]] = []
+        self._wakeup: asyncio.Event | None = None
+        self.runs = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting, not yet taken by a worker."""
+        return self._queued
+
+    def _start(self) -> asyncio.Event:
+        # Tasks and events belong to the running loop, so they are made on first use.
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+            self._workers = [
+                asyncio.get_running_loop().create_task(self._worker(i), name=f"{self.name}-instance-{i}")
+                for i in range(len(self._instances))
+            ]
+        return self._wakeup
+
+    def priority_level(self, priority: int) -> int:
+        """Queue index of a request `priority` (1 = highest; 0 = the model's default)."""
+        levels = max(self.config.priority_levels, 1)
+        if priority == 0:
+            priority = self.config.default_priority_level or 1
+        if priority < 1 or priority > levels:
+            raise InvalidInputError(f"priority {priority} is out of range; model '{self.name}' has {levels} level(s)")
+        return min(priority, levels) - 1
+
+    async def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        batch_size: int,
+        output_names: Sequence[str],
+        priority: int = 0,
+        timeout_us: int = 0,
+        deadline_s: float | None = None,
+    ) -> list[np.ndarray]:
+        """Queues a validated request and waits for its outputs.
+
+        Args:
+            inputs: Input arrays (with the batch dimension when the model batches).
+            batch_size: The request's batch size (0 when the model does not batch).
+            output_names: Outputs to compute, in the order they are returned.
+            priority: The request's `priority` parameter.
+            timeout_us: The request's `timeout` parameter (microseconds in queue; 0 none).
+            deadline_s: Seconds left before the client's gRPC deadline, if any.
+
+        Raises:
+            QueueFullError: the queue for this priority is full.
+            DeadlineExceededError: the request expired in the queue (it never ran).
+        """
+        wakeup = self._start()
+        level = self.priority_level(priority)
+        policy = self.config.policy(level)
+        limit = self.config.hard_queue_limit
+        if self._queued >= limit or (policy.max_queue_size and self._queued_per_level[level] >= policy.max_queue_size):
+            raise QueueFullError(f"model '{self.name}' has too many queued requests; retry later")
+        timeout_s = _queue_timeout_s(policy, timeout_us)
+        if deadline_s is not None:
+            timeout_s = deadline_s if timeout_s is None else min(timeout_s, deadline_s)
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceededError(f"request to model '{self.name}' expired before it was queued")
+        loop = asyncio.get_running_loop()
+        pending = PendingRequest(
+            inputs=inputs,
+            batch_size=batch_size,
+            output_names=tuple(output_names),
+            level=level,
+            key=_batch_key(inputs, output_names),
+            enqueued_ns=time.perf_counter_ns(),
+            future=loop.create_future(),
+        )
+        if timeout_s is not None:
+            pending.timer = loop.call_later(timeout_s, self._expire, pending)
+        self._queues[level].append(pending)
+        self._queued_per_level[level] += 1
+        self._queued += 1
+        wakeup.set()
+        try:
+            return await pending.future
+        finally:
+            # Cancelled (client gone) or expired: leave the queue now, never run.
+            self._dequeue(pending)
+            if pending.timer is not None:
+                pending.timer.cancel()
+
+    def _dequeue(self, pending: PendingRequest) -> None:
+        if pending.queued:
+            pending.queued = False
+            self._queued -= 1
+            self._queued_per_level[pending.level] -= 1
+
+    def _expire(self, pending: PendingRequest) -> None:
+        if pending.queued and not pending.future.done():
+            self._dequeue(pending)
+            pending.future.set_exception(
+                DeadlineExceededError(f"request to model '{self.name}' timed out in the queue and was not run")
+            )
+
+    def _collect(self) -> list[PendingRequest]:
+        """Takes the head request and every queued request that can share its run."""
+        head: PendingRequest | None = None
+        for queue in self._queues:
+            while queue and not queue[0].queued:
+                queue.popleft()
+            if queue:
+                head = queue[0]
+                break
+        if head is None:
+            return []
+        if not self.config.dynamic_batching or self.config.max_batch_size == 0:
+            return [head]
+        batch, total = [head], head.batch_size
+        limit = self.config.max_batch_size
+        for queue in self._queues:
+            for pending in queue:
+                if total >= limit:
+                    return batch
+                if pending is head or not pending.queued or pending.key != head.key:
+                    continue
+                if total + pending.batch_size <= limit:
+                    batch.append(pending)
+                    total += pending.batch_size
+        return batch
+
+    def _worth_waiting(self, batch: list[PendingRequest]) -> float:
+        """Seconds to wait for a fuller batch (0: dispatch now)."""
+        delay_us = self.config.max_queue_delay_us
+        if not self.config.dynamic_batching or delay_us <= 0:
+            return 0.0
+        size = sum(p.batch_size for p in batch)
+        preferred = self.config.preferred_batch_sizes
+        if size >= self.config.max_batch_size or size in preferred or (preferred and size > max(preferred)):
+            return 0.0
+        waited_s = (time.perf_counter_ns() - batch[0].enqueued_ns) / 1e9
+        return max(0.0, delay_us / 1e6 - waited_s)
+
+    async def _next_batch(self) -> list[PendingRequest]:
+        wakeup = self._start()
+        while True:
+            batch = self._collect()
+            if not batch:
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            wait_s = self._worth_waiting(batch)
+            if wait_s > 0:
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), wait_s)
+                except asyncio.TimeoutError:
+                    pass
+                batch = self._collect()
+                if not batch or self._worth_waiting(batch) > 0:
+                    continue
+            for pending in batch:
+                self._dequeue(pending)
+                if pending.timer is not None:
+                    pending.timer.cancel()
+            if self._queued:
+                wakeup.set()  # let another idle instance look at what is left
+            return batch
+
+    async def _worker(self, index: int) -> None:
+        instance = self._instances[index]
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._run(loop, instance, batch)
+            except Exception as exc:  # a failed run fails every request in it, and the worker goes on
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, instance: Runtime, batch: list[PendingRequest]) -> None:
+        start = time.perf_counter_ns()
+        for pending in batch:
+            self.stats.queue_wait(start - pending.enqueued_ns)
+        head = batch[0]
+        if len(batch) == 1:
+            feed = head.inputs
+        else:
+            feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in head.inputs}
+        input_ns = time.perf_counter_ns() - start
+        results, infer_ns = await loop.run_in_executor(self._executor, run_instance, instance, feed, head.output_names)
+        self.runs += 1
+        out_start = time.perf_counter_ns()
+        offset = 0
+        for pending in batch:
+            if len(batch) == 1:
+                outputs = results
+            else:
+                outputs = [r[offset : offset + pending.batch_size] for r in results]
+            offset += pending.batch_size
+            if not pending.future.done():
+                pending.future.set_result(outputs)
+        output_ns = time.perf_counter_ns() - out_start
+        total = sum(p.batch_size for p in batch)
+        self.stats.record_execution(max(total, 1), len(batch), input_ns, infer_ns, output_ns)
+
+    async def close(self) -> None:
+        """Stops the workers; queued requests fail as unavailable."""
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            try:
+                await worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        for queue in self._queues:
+            for pending in queue:
+                if pending.queued and not pending.future.done():
+                    pending.future.set_exception(ModelNotReadyError(f"model '{self.name}' is being unloaded"))
+            queue.clear()
+
+
+def run_instance(instance: Runtime, feed: dict[str, np.ndarray], names: Sequence[str]) -> tuple[list[np.ndarray], int]:
+    """Runs one batch on an instance (on a worker thread) and times it."""
+    start = time.perf_counter_ns()
+    try:
+        results = instance.run(feed, names)
+    except ServerError:
+        raise
+    except Exception as exc:
+        # ONNX Runtime's own messages can be long and name internal paths: log, keep it short.
+        logger.exception("model run failed")
+        text = str(exc).strip()
+        raise ModelRunError(text.splitlines()[0][:200] if text else "model run failed") from exc
+    return results, time.perf_counter_ns() - start
+
+
+class ModelRunError(ServerError):
+    """ONNX Runtime failed while running a batch that passed validation."""
+
+
+def _queue_timeout_s(policy: QueuePolicy, request_timeout_us: int) -> float | None:
+    timeout_us = policy.default_timeout_us
+    if request_timeout_us > 0 and (policy.allow_timeout_override or timeout_us == 0):
+        timeout_us = request_timeout_us
+    return timeout_us / 1e6 if timeout_us > 0 else None
+
+
+def _batch_key(inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> tuple:
+    """Requests share a run only with equal non-batch shapes and the same outputs."""
+    return tuple((name, inputs[name].shape[1:]) for name in sorted(inputs)) + (tuple(output_names),)

@@ -1,0 +1,197 @@
+"""The scheduler on the fake runtime: merging, splitting, waiting, expiry, cancellation, priority."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from server.core.batcher import QueuePolicy, Scheduler, SchedulerConfig
+from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError
+from server.core.statistics import ModelStats
+from server.runtime.fake import FakeRuntime
+
+
+def make(config: SchedulerConfig, runtime: FakeRuntime, instances: int = 1) -> Scheduler:
+    executor = ThreadPoolExecutor(max_workers=instances)
+    return Scheduler("fake", [runtime] * instances, executor, config, ModelStats())
+
+
+def batch(value: float, size: int, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((size, width), value, np.float32)}
+
+
+async def submit(scheduler: Scheduler, value: float, size: int = 1, **kwargs: object) -> np.ndarray:
+    [y] = await scheduler.submit(batch(value, size), size, ["y"], **kwargs)
+    return y
+
+
+async def wait_for_runs(runtime: FakeRuntime, count: int) -> None:
+    for _ in range(2000):
+        if len(runtime.runs) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"only {len(runtime.runs)} runs started")
+
+
+BATCHING = SchedulerConfig(max_batch_size=8, dynamic_batching=True)
+
+
+async def test_requests_are_merged_and_split_back() -> None:
+    runtime = FakeRuntime(delay_s=0.1)
+    scheduler = make(BATCHING, runtime)
+    first = asyncio.create_task(submit(scheduler, 100.0))
+    await wait_for_runs(runtime, 1)  # the instance is now busy
+    sizes = [1, 3, 2, 4, 1, 2, 1, 3]
+    results = await asyncio.gather(*(submit(scheduler, float(i), size) for i, size in enumerate(sizes)))
+    await first
+    for i, (size, y) in enumerate(zip(sizes, results)):
+        assert y.shape == (size, 3)
+        np.testing.assert_array_equal(y, np.full((size, 3), 2.0 * i, np.float32))
+    merged = [len(run) for run in runtime.runs[1:]]
+    assert sum(merged) == sum(sizes)
+    assert max(merged) <= 8 and len(merged) < len(sizes)
+    stats = scheduler.stats
+    assert stats.inference_count == 1 + sum(sizes)
+    assert stats.execution_count == len(runtime.runs)
+    assert sum(b.compute_infer.count for b in stats.batch_stats.values()) == stats.execution_count
+    assert stats.compute_infer.count == 1 + len(sizes)  # per request
+    assert stats.queue.count == 1 + len(sizes)
+
+
+async def test_different_shapes_are_never_merged() -> None:
+    runtime = FakeRuntime(delay_s=0.05)
+    scheduler = make(BATCHING, runtime)
+    first = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    wide = scheduler.submit({"x": np.ones((1, 5), np.float32)}, 1, ["y"])
+    narrow = scheduler.submit({"x": np.ones((2, 3), np.float32)}, 2, ["y"])
+    [y_wide], [y_narrow] = await asyncio.gather(wide, narrow)
+    await first
+    assert y_wide.shape == (1, 5) and y_narrow.shape == (2, 3)
+    assert sorted(run.shape for run in runtime.runs[1:]) == [(1, 5), (2, 3)]
+
+
+async def test_idle_instance_dispatches_at_once() -> None:
+    runtime = FakeRuntime(delay_s=0.05)
+    scheduler = make(BATCHING, runtime)  # max_queue_delay 0
+    first = asyncio.create_task(submit(scheduler, 1.0))
+    await wait_for_runs(runtime, 1)
+    second = asyncio.create_task(submit(scheduler, 2.0))
+    await asyncio.gather(first, second)
+    assert [len(r) for r in runtime.runs] == [1, 1]  # the first did not wait for company
+
+
+async def test_queue_delay_waits_for_company() -> None:
+    runtime = FakeRuntime()
+    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=300_000)
+    scheduler = make(config, runtime)
+    first = asyncio.create_task(submit(scheduler, 1.0))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(submit(scheduler, 2.0))
+    await asyncio.gather(first, second)
+    assert [len(r) for r in runtime.runs] == [2]
+
+
+async def test_preferred_batch_size_dispatches_without_waiting_out_the_delay() -> None:
+    runtime = FakeRuntime()
+    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=30_000_000, preferred_batch_sizes=(4,))
+    scheduler = make(config, runtime)
+    results = await asyncio.wait_for(asyncio.gather(*(submit(scheduler, float(i)) for i in range(4))), timeout=10)
+    assert len(results) == 4
+    assert [len(r) for r in runtime.runs] == [4]
+
+
+async def test_queue_full_is_refused_at_once() -> None:
+    runtime = FakeRuntime(delay_s=0.2)
+    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, default_policy=QueuePolicy(max_queue_size=2))
+    scheduler = make(config, runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0, size=8))
+    await wait_for_runs(runtime, 1)
+    queued = [asyncio.create_task(submit(scheduler, 1.0, size=8)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFullError):
+        await submit(scheduler, 2.0)
+    await asyncio.gather(running, *queued)
+
+
+async def test_expired_in_queue_never_runs() -> None:
+    runtime = FakeRuntime(delay_s=0.3)
+    scheduler = make(BATCHING, runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    with pytest.raises(DeadlineExceededError):
+        await submit(scheduler, 7.0, timeout_us=30_000)
+    with pytest.raises(DeadlineExceededError):
+        await submit(scheduler, 8.0, deadline_s=0.03)
+    await running
+    await submit(scheduler, 9.0)
+    assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 9.0]
+    assert scheduler.queued == 0
+
+
+async def test_default_timeout_and_override_policy() -> None:
+    runtime = FakeRuntime(delay_s=0.3)
+    policy = QueuePolicy(default_timeout_us=20_000, allow_timeout_override=False)
+    scheduler = make(SchedulerConfig(max_batch_size=8, dynamic_batching=True, default_policy=policy), runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    with pytest.raises(DeadlineExceededError):
+        await submit(scheduler, 1.0, timeout_us=10_000_000)  # may not extend the default
+    await running
+
+
+async def test_cancelled_while_queued_never_runs() -> None:
+    runtime = FakeRuntime(delay_s=0.2)
+    scheduler = make(BATCHING, runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    doomed = asyncio.create_task(submit(scheduler, 5.0))
+    await asyncio.sleep(0.02)
+    assert scheduler.queued == 1
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert scheduler.queued == 0
+    await running
+    await submit(scheduler, 6.0)
+    assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 6.0]
+
+
+async def test_priority_order() -> None:
+    runtime = FakeRuntime(delay_s=0.1)
+    config = SchedulerConfig(max_batch_size=8, dynamic_batching=False, priority_levels=2, default_priority_level=2)
+    scheduler = make(config, runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    low1 = asyncio.create_task(submit(scheduler, 1.0))
+    low2 = asyncio.create_task(submit(scheduler, 2.0, priority=2))
+    await asyncio.sleep(0.01)
+    high = asyncio.create_task(submit(scheduler, 3.0, priority=1))
+    await asyncio.gather(running, low1, low2, high)
+    assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 3.0, 1.0, 2.0]
+    with pytest.raises(InvalidInputError, match="priority 3"):
+        await submit(scheduler, 1.0, priority=3)
+
+
+async def test_instances_run_concurrently() -> None:
+    runtime = FakeRuntime(delay_s=0.2)
+    scheduler = make(SchedulerConfig(max_batch_size=8, dynamic_batching=False), runtime, instances=3)
+    await asyncio.gather(*(submit(scheduler, float(i)) for i in range(3)))
+    assert runtime.max_concurrent == 3
+
+
+async def test_failed_batch_fails_every_request_in_it_and_the_next_runs() -> None:
+    runtime = FakeRuntime(delay_s=0.05, fail_if=lambda x: bool((x == 13.0).any()))
+    scheduler = make(BATCHING, runtime)
+    running = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    doomed = [asyncio.create_task(submit(scheduler, v)) for v in (12.0, 13.0, 14.0)]
+    outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+    await running
+    assert len(runtime.runs) == 2 and len(runtime.runs[1]) == 3  # one merged run
+    assert all(isinstance(o, Exception) and "fake failure" in str(o) for o in outcomes)
+    np.testing.assert_array_equal(await submit(scheduler, 1.0), np.full((1, 3), 2.0, np.float32))
+    await scheduler.close()
