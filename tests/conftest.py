@@ -67,6 +67,14 @@ def build_repository(root: Path) -> TestRepository:
         SlowModel(), (torch.zeros(256, 512),),
         ExportSpec(["x"], ["y"], dynamic_batch=False, atol=1e-3), root, "slow",
     )
+    export_torch(
+        SlowModel(), (torch.zeros(2, 512),),
+        ExportSpec(
+            ["x"], ["y"], max_batch_size=256, atol=1e-3,
+            extra_config="dynamic_batching { default_queue_policy { max_queue_size: 1 } }",
+        ),
+        root, "slow_batched",
+    )
     for datatype in ONNX_TYPES:
         export_graph(
             identity_model([datatype], ["batch", 2]), ExportSpec([], [], max_batch_size=8), root,
