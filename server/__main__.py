@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--strict-readiness", choices=["true", "false"], help="ready only when every model is (default true)")
     serve.add_argument("--shutdown-grace-s", type=float, help="seconds in-flight requests get at shutdown (default 10)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    serve.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"], help="default auto: uvloop if installed")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--peer-dir", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -43,12 +49,29 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if settings.workers > 1 and settings.worker_index is None:
+        from server.workers import supervise
+
+        sys.exit(supervise(settings))
     from server.app import serve  # imported late so --help works without loading ONNX Runtime
 
     try:
-        asyncio.run(serve(settings))
+        _run(serve(settings), settings.event_loop)
     except KeyboardInterrupt:
         pass
+
+
+def _run(main_coroutine: Coroutine[Any, Any, None], event_loop: str) -> None:
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                sys.exit("ortserve: --event-loop uvloop, but uvloop is not installed")
+        else:
+            uvloop.run(main_coroutine)
+            return
+    asyncio.run(main_coroutine)
 
 
 if __name__ == "__main__":

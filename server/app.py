@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from importlib import metadata
 
@@ -11,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from server import workers
 from server.repository.registry import READY, ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc.pb import _pool
@@ -65,23 +67,35 @@ class OrtServer:
         if not self.settings.model_repository.is_dir():
             raise SystemExit(f"model repository {self.settings.model_repository} is not a directory")
         await asyncio.to_thread(self.registry.load_all)
+        worker = self.settings.worker_index
         options = [
             ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Only workers share a port; a lone server must not silently share one by accident.
+            ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
         server = grpc.aio.server(options=options)
         add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server, pool=_reflection_pool())
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        try:
+            self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
             raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
+        if worker is not None and self.settings.peer_dir is not None:
+            server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
+            self.servicer.peers = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
         await server.start()
         self._server = server
         self.state.started = True
         await self._publish_health()
+        if worker is not None and self.settings.peer_dir is not None:
+            logger.info("worker %d (pid %d) serving on port %d", worker, os.getpid(), self.port)
+            workers.mark_ready(self.settings.peer_dir, worker)
+            return self.port
         logger.info("ortserve listening on %s:%d", self.settings.host, self.port)
         if self.settings.port_file:
             self.settings.port_file.write_text(str(self.port))
@@ -105,6 +119,7 @@ class OrtServer:
         logger.info("shutting down: waiting up to %.1fs for in-flight requests", self.settings.shutdown_grace_s)
         await self._server.stop(self.settings.shutdown_grace_s)
         self._server = None
+        await self.servicer.close()
         await asyncio.gather(*(model.stop() for model in self.registry.models()))
         await asyncio.to_thread(self.registry.close)
         logger.info("stopped")

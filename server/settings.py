@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     """How long in-flight requests may take to finish after SIGTERM or Ctrl-C."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log level."""
+    workers: int = Field(1, ge=1, le=64)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own models and batchers."""
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """auto: uvloop when it is installed, else asyncio's own loop."""
+    worker_index: int | None = None
+    """Set by the supervisor in a worker process; not a user setting."""
+    peer_dir: Path | None = None
+    """Set by the supervisor: where workers publish their private sockets."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -108,6 +108,10 @@ def _graph_dims(tensor: GraphTensor, batching: bool, kind: str) -> list[int]:
     return list(tensor.shape[1:])
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
 def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The completed config's inputs and outputs as plain specs."""
     inputs = [TensorSpec(i.name, _protocol_type(i.data_type), tuple(i.dims), optional=i.optional) for i in config.input]
@@ -159,7 +163,8 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
             options.intra_op_threads = max(1, (os.cpu_count() or 1) // count) if count > 1 else 0
         options.inter_op_threads = int(params.get("inter_op_thread_count", "0"))
         options.parallel_execution = int(params.get("execution_mode", "0")) == 1
-        options.enable_mem_arena = params.get("enable_mem_arena", "true").lower() not in ("0", "false", "no")
+        options.enable_mem_arena = _flag(params.get("enable_mem_arena", "true"))
+        options.allow_spinning = _flag(params.get("allow_spinning", "false"))
     except ValueError as exc:
         raise ModelLoadError(f"bad session parameter: {exc}") from exc
     level = params.get("graph_optimization_level")

@@ -137,3 +137,35 @@ def repository_index_to_pb(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse
     for row in rows:
         message.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
     return message
+
+
+def _add_duration(target: Any, source: Any) -> None:
+    target.count += source.count
+    target.ns += source.ns
+
+
+def merge_statistics(target: pb.ModelStatisticsResponse, other: pb.ModelStatisticsResponse) -> None:
+    """Adds another worker's statistics into `target`, model version by model version."""
+    by_key = {(s.name, s.version): s for s in target.model_stats}
+    for stats in other.model_stats:
+        mine = by_key.get((stats.name, stats.version))
+        if mine is None:
+            target.model_stats.add().CopyFrom(stats)
+            continue
+        mine.last_inference = max(mine.last_inference, stats.last_inference)
+        mine.inference_count += stats.inference_count
+        mine.execution_count += stats.execution_count
+        for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            _add_duration(getattr(mine.inference_stats, field_name), getattr(stats.inference_stats, field_name))
+        batches = {b.batch_size: b for b in mine.batch_stats}
+        for batch in stats.batch_stats:
+            if batch.batch_size not in batches:
+                batches[batch.batch_size] = mine.batch_stats.add(batch_size=batch.batch_size)
+            for field_name in ("compute_input", "compute_infer", "compute_output"):
+                _add_duration(getattr(batches[batch.batch_size], field_name), getattr(batch, field_name))
+        ordered = sorted(mine.batch_stats, key=lambda b: b.batch_size)
+        copies = [pb.InferBatchStatistics() for _ in ordered]
+        for copy, batch in zip(copies, ordered):
+            copy.CopyFrom(batch)
+        del mine.batch_stats[:]
+        mine.batch_stats.extend(copies)

@@ -17,6 +17,8 @@ from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "ortserve"
+# Marks a ModelStatistics call from a sibling worker: answer with local counters only.
+PEER_HEADER = "ortserve-peer-local"
 # Only what is true of this server: perf_analyzer reads ModelStatistics only when
 # "statistics" is listed, and clients probe "classification" and "model_repository".
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics", "parameters"]
@@ -44,6 +46,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._state = state
         self._version = version
+        # Private addresses of sibling worker processes (see server/workers.py).
+        self.peers: list[str] = []
+        self._peer_channels: dict[str, grpc.aio.Channel] = {}
+
+    async def close(self) -> None:
+        """Closes the channels to sibling workers."""
+        for channel in self._peer_channels.values():
+            await channel.close()
+        self._peer_channels.clear()
+
+    async def _peer_statistics(self, address: str, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse | None:
+        channel = self._peer_channels.get(address)
+        if channel is None:
+            channel = self._peer_channels[address] = grpc.aio.insecure_channel(address)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            return await stub.ModelStatistics(request, metadata=((PEER_HEADER, "1"),), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("worker at %s did not answer ModelStatistics: %s", address, exc.code().name)
+            return None
 
     def _check_accepting(self) -> None:
         if self._state.draining:
@@ -154,6 +176,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelStatisticsResponse()
         for model in self._registry.models(request.name, request.version):
             converters.model_statistics_to_pb(model, response.model_stats.add())
+        asked_by_peer = any(key == PEER_HEADER for key, _ in context.invocation_metadata() or ())
+        if self.peers and not asked_by_peer:
+            replies = await asyncio.gather(*(self._peer_statistics(a, request) for a in self.peers))
+            for reply in replies:
+                if reply is not None:
+                    converters.merge_statistics(response, reply)
         return response
 
     @status.unary

@@ -41,6 +41,8 @@ class SessionOptions:
         parallel_execution: Run independent graph branches in parallel.
         graph_optimization: One of disable, basic, extended, all.
         enable_mem_arena: Use ONNX Runtime's CPU memory arena.
+        allow_spinning: Let idle intra-op threads spin-wait for work. Off by default: in
+            a server the spinning threads take the cores that gRPC and the event loop need.
         provider_options: Per-provider options, keyed by provider name.
     """
 
@@ -51,6 +53,7 @@ class SessionOptions:
     parallel_execution: bool = False
     graph_optimization: str = "all"
     enable_mem_arena: bool = True
+    allow_spinning: bool = False
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -90,6 +93,8 @@ class OnnxRuntimeSession(Runtime):
         )
         so.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization]
         so.enable_cpu_mem_arena = options.enable_mem_arena
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if options.allow_spinning else "0")
         so.log_severity_level = 3  # errors only: provider fallbacks are logged by us
         # A model given as bytes has no path; tell ORT where its external data lives.
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
