@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +69,7 @@ class Model:
         self._instances = list(instances)
         self._inputs = {s.name: s for s in signature.inputs}
         self._outputs = {s.name: s for s in signature.outputs}
-        self._executor = ThreadPoolExecutor(max_workers=len(self._instances), thread_name_prefix=f"ort-{name}")
-        self.scheduler = Scheduler(name, self._instances, self._executor, scheduler_config, self.stats)
+        self.scheduler = Scheduler(name, self._instances, scheduler_config, self.stats)
 
     @property
     def providers(self) -> Sequence[str]:
@@ -190,7 +188,7 @@ class Model:
 
     def close(self) -> None:
         """Waits for running work, then releases the instances."""
-        self._executor.shutdown(wait=True)
+        self.scheduler.stop_threads()
         for instance in self._instances:
             instance.close()
 

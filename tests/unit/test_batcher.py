@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from server.runtime.fake import FakeRuntime
 
 
 def make(config: SchedulerConfig, runtime: FakeRuntime, instances: int = 1) -> Scheduler:
-    executor = ThreadPoolExecutor(max_workers=instances)
-    return Scheduler("fake", [runtime] * instances, executor, config, ModelStats())
+    return Scheduler("fake", [runtime] * instances, config, ModelStats())
 
 
 def batch(value: float, size: int, width: int = 3) -> dict[str, np.ndarray]:
