@@ -88,6 +88,7 @@ class OrtServer:
         if worker is not None and self.settings.peer_dir is not None:
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
             self.servicer.peers = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
+            self.servicer.worker_index = worker
         await server.start()
         self._server = server
         self.state.started = True

@@ -48,6 +48,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version = version
         # Private addresses of sibling worker processes (see server/workers.py).
         self.peers: list[str] = []
+        self.worker_index: int | None = None
         self._peer_channels: dict[str, grpc.aio.Channel] = {}
 
     async def close(self) -> None:
@@ -91,6 +92,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        if self.worker_index is not None:
+            # Says which worker process answered (diagnostics, and tests of --workers).
+            await context.send_initial_metadata((("ortserve-worker", str(self.worker_index)),))
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
     @status.unary

@@ -1,0 +1,48 @@
+"""`--workers 2`: two processes on one port still look like one server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from tests.conftest import ServerProcess
+
+
+def addsub_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="addsub")
+    for name in ("a", "b"):
+        request.inputs.add(name=name, datatype="FP32", shape=[4])
+        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+    return request
+
+
+def test_two_workers_share_the_port_and_add_up_statistics(repository, tmp_path: Path) -> None:
+    server = ServerProcess(repository.path, tmp_path, "--workers", "2", "--strict-readiness", "false")
+    try:
+        seen_workers = set()
+        for _ in range(20):
+            # A new channel is a new connection; the kernel spreads connections over the workers.
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+                for _ in range(5):
+                    stub.ModelInfer(addsub_request(), timeout=30)
+                stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="addsub"), timeout=30).model_stats
+                _, call = stub.ServerMetadata.with_call(pb.ServerMetadataRequest(), timeout=30)
+                seen_workers.update(v for k, v in call.initial_metadata() if k == "ortserve-worker")
+            assert len(stats) == 1
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="addsub"), timeout=30).model_stats[0]
+        assert seen_workers == {"0", "1"}  # both processes took connections
+        assert stats.inference_stats.success.count == 100
+        assert stats.execution_count == 100
+        log = server.log()
+        assert "worker 0" in log and "worker 1" in log and "with 2 workers" in log
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
