@@ -54,6 +54,12 @@ def _inputs_from_args(args: argparse.Namespace, metadata: pb.ModelMetadataRespon
     image = args.image or SAMPLE_IMAGE
     spec = metadata.inputs[0]
     height, width = int(spec.shape[-2]), int(spec.shape[-1])
+    if spec.datatype == "UINT8":
+        # A model that takes raw pixels does its own preprocessing (for example digits_pipeline).
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(image).convert("L").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+        return {spec.name: pixels}
     array = image_to_array(image, height, width, args.pixel_max)
     # Match the model's rank: [1, H, W] is [C, H, W]; drop C for [H, W] models.
     rank = len(spec.shape) - (1 if spec.shape and spec.shape[0] == -1 else 0)

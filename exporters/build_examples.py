@@ -13,13 +13,15 @@ MIN_DIGITS_ACCURACY = 0.97
 
 
 def build_digits(repository: Path, samples_dir: Path | None) -> float:
-    """Trains and exports the digits CNN; writes a few held-out digits as PNG samples."""
+    """Trains and exports the digits CNN and its pipeline; writes a few held-out digits as PNG samples."""
     config = digits.DigitsConfig()
     model, accuracy = digits.train(config)
     if accuracy < MIN_DIGITS_ACCURACY:
         raise SystemExit(f"digits accuracy {accuracy:.3f} is under {MIN_DIGITS_ACCURACY}")
-    remove_model(repository, "digits")
+    for name in ("digits", "digits_preprocess", "digits_pipeline"):
+        remove_model(repository, name)
     digits.export(model, repository)
+    digits.export_pipeline(repository)
     if samples_dir is not None:
         write_samples(samples_dir, config)
     return accuracy

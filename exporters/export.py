@@ -202,6 +202,18 @@ def export_torch(  # type: ignore[no-untyped-def]
     return write_model(model, build_config(model, name, spec), repository, version, spec.labels)
 
 
+def write_ensemble(repository: Path, name: str, config_text: str, labels: Sequence[str] = ()) -> Path:
+    """Writes an ensemble: its config (checked to parse), labels, and the empty version folder 1/."""
+    config = mc.ModelConfig()
+    text_format.Parse(config_text, config)
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    if labels:
+        (model_dir / "labels.txt").write_text("\n".join(labels) + "\n")
+    return model_dir
+
+
 def remove_model(repository: Path, name: str) -> None:
     """Deletes a model directory (used before a rebuild)."""
     shutil.rmtree(repository / name, ignore_errors=True)

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from importlib import metadata
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,11 +55,15 @@ class OrtServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = ModelRegistry(
-            ModelRepository(settings.model_repository), settings.device, settings.default_max_batch_size
+            ModelRepository(settings.model_repository),
+            settings.device,
+            settings.default_max_batch_size,
+            on_change=self._schedule_health,
         )
         self.state = ServerState(settings.strict_readiness)
         self.health = health.aio.HealthServicer()
-        self.servicer = InferenceServicer(self.registry, self.state, server_version())
+        self.servicer = InferenceServicer(self.registry, self.state, server_version(), settings.model_control_mode)
+        self._background: set[asyncio.Task[None]] = set()
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -66,7 +71,7 @@ class OrtServer:
         """Loads the models, then starts listening; returns the bound port."""
         if not self.settings.model_repository.is_dir():
             raise SystemExit(f"model repository {self.settings.model_repository} is not a directory")
-        await asyncio.to_thread(self.registry.load_all)
+        await self.registry.load_all(self._startup_models())
         worker = self.settings.worker_index
         options = [
             ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
@@ -93,6 +98,8 @@ class OrtServer:
         self._server = server
         self.state.started = True
         await self._publish_health()
+        if self.settings.model_control_mode == "poll":
+            self._spawn(self._poll_repository())
         if worker is not None and self.settings.peer_dir is not None:
             logger.info("worker %d (pid %d) serving on port %d", worker, os.getpid(), self.port)
             workers.mark_ready(self.settings.peer_dir, worker)
@@ -101,6 +108,31 @@ class OrtServer:
         if self.settings.port_file:
             self.settings.port_file.write_text(str(self.port))
         return self.port
+
+    def _startup_models(self) -> list[str] | None:
+        """Models to load at start: all of them, except in explicit mode (--load-model)."""
+        if self.settings.model_control_mode != "explicit":
+            return None
+        if "*" in self.settings.load_model:
+            return None
+        return list(self.settings.load_model)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _schedule_health(self) -> None:
+        if self.state.started:
+            self._spawn(self._publish_health())
+
+    async def _poll_repository(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.registry.poll()
+            except Exception:  # a scan that fails must not end polling
+                logger.exception("repository poll failed")
 
     async def _publish_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -120,9 +152,10 @@ class OrtServer:
         logger.info("shutting down: waiting up to %.1fs for in-flight requests", self.settings.shutdown_grace_s)
         await self._server.stop(self.settings.shutdown_grace_s)
         self._server = None
+        for task in list(self._background):
+            task.cancel()
         await self.servicer.close()
-        await asyncio.gather(*(model.stop() for model in self.registry.models()))
-        await asyncio.to_thread(self.registry.close)
+        await self.registry.close()
         logger.info("stopped")
 
     async def wait(self) -> None:

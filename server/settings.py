@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     """How long in-flight requests may take to finish after SIGTERM or Ctrl-C."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log level."""
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    """none: load every model at start; poll: also watch the repository; explicit: load through the API."""
+    repository_poll_secs: float = Field(15.0, gt=0)
+    """Seconds between repository scans in poll mode."""
+    load_model: list[str] = Field(default_factory=list)
+    """Models to load at start in explicit mode ("*" for all)."""
     workers: int = Field(1, ge=1, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own models and batchers."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"

@@ -58,7 +58,11 @@ def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path) -
         "--shutdown-grace-s", str(settings.shutdown_grace_s),
         "--log-level", settings.log_level, "--event-loop", settings.event_loop,
         "--workers", str(settings.workers), "--worker-index", str(index), "--peer-dir", str(peer_dir),
+        "--model-control-mode", settings.model_control_mode,
+        "--repository-poll-secs", str(settings.repository_poll_secs),
     ]
+    for name in settings.load_model:
+        args += ["--load-model", name]
     return args
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from exporters.export import ExportSpec, export_torch
+from exporters.export import ExportSpec, export_torch, write_ensemble
 
 LABELS = [str(d) for d in range(10)]
 
@@ -43,6 +43,57 @@ class DigitsCNN(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(self.features(image / 16.0))
         return logits, torch.softmax(logits, dim=1)
+
+
+class DigitsPreprocess(nn.Module):
+    """Raw grayscale pixels [B, 8, 8] UINT8 (either polarity) -> the CNN's input [B, 1, 8, 8] in [0, 16].
+
+    Scans are dark ink on white; the digits data is bright on dark: images that are
+    mostly bright are inverted.
+    """
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() / 255.0
+        mostly_bright = x.mean(dim=(1, 2), keepdim=True) > 0.5
+        x = torch.where(mostly_bright, 1.0 - x, x)
+        return (x * 16.0).unsqueeze(1)
+
+
+PIPELINE_CONFIG = """
+name: "digits_pipeline"
+platform: "ensemble"
+max_batch_size: 64
+input [ { name: "pixels" data_type: TYPE_UINT8 dims: [ 8, 8 ] } ]
+output [
+  { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] label_filename: "labels.txt" },
+  { name: "probabilities" data_type: TYPE_FP32 dims: [ 10 ] }
+]
+ensemble_scheduling {
+  step [
+    {
+      model_name: "digits_preprocess"
+      model_version: -1
+      input_map { key: "pixels" value: "pixels" }
+      output_map { key: "image" value: "image" }
+    },
+    {
+      model_name: "digits"
+      model_version: -1
+      input_map { key: "image" value: "image" }
+      output_map { key: "logits" value: "logits" }
+      output_map { key: "probabilities" value: "probabilities" }
+    }
+  ]
+}
+"""
+
+
+def export_pipeline(repository: Path) -> None:
+    """Exports the preprocessing model and writes the ensemble that chains it to `digits`."""
+    example = (torch.randint(0, 256, (2, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8),)
+    spec = ExportSpec(input_names=["pixels"], output_names=["image"], dynamic_batching=True, atol=1e-5)
+    export_torch(DigitsPreprocess(), example, spec, repository, "digits_preprocess")
+    write_ensemble(repository, "digits_pipeline", PIPELINE_CONFIG, LABELS)
 
 
 def load_split(config: DigitsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -163,6 +163,11 @@ class Scheduler:
         """Requests waiting, not yet taken by an instance."""
         return self._queued
 
+    @property
+    def busy(self) -> bool:
+        """Whether any request is queued or running."""
+        return self._queued > 0 or len(self._idle) < len(self._threads)
+
     def priority_level(self, priority: int) -> int:
         """Queue index of a request `priority` (1 = highest; 0 = the model's default)."""
         levels = max(self.config.priority_levels, 1)

@@ -37,80 +37,14 @@ class ModelSignature:
     labels: dict[str, list[str]] = field(default_factory=dict)
 
 
-class Model:
-    """One version of one model, with its instances and scheduler, ready to serve.
+class SignatureValidator:
+    """Checks requests against a model signature (shared by models and ensembles)."""
 
-    Args:
-        name: Model name.
-        version: Version number.
-        platform: Platform string reported in metadata ("onnxruntime_onnx").
-        signature: Inputs, outputs, batching and labels.
-        instances: One runtime per model instance; each runs one batch at a time.
-        scheduler_config: Queueing and batching settings.
-        config: The completed model configuration message (returned by ModelConfig).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        version: int,
-        platform: str,
-        signature: ModelSignature,
-        instances: Sequence[Runtime],
-        scheduler_config: SchedulerConfig,
-        config: Any,
-    ) -> None:
+    def __init__(self, name: str, signature: ModelSignature) -> None:
         self.name = name
-        self.version = version
-        self.platform = platform
         self.signature = signature
-        self.config = config
-        self.stats = ModelStats()
-        self._instances = list(instances)
         self._inputs = {s.name: s for s in signature.inputs}
         self._outputs = {s.name: s for s in signature.outputs}
-        self.scheduler = Scheduler(name, self._instances, scheduler_config, self.stats)
-
-    @property
-    def providers(self) -> Sequence[str]:
-        """Execution providers the instances actually run on."""
-        return self._instances[0].providers
-
-    async def infer(self, request: InferRequest, deadline_s: float | None = None) -> InferResponse:
-        """Validates a request, queues it, and builds its response.
-
-        Args:
-            request: The decoded request.
-            deadline_s: Seconds left before the client's deadline, if it set one.
-
-        Raises:
-            InvalidInputError: the request does not match the model's signature.
-            QueueFullError, DeadlineExceededError: from the scheduler.
-        """
-        start = time.perf_counter_ns()
-        ok = False
-        try:
-            batch_size = self.validate(request)
-            outputs = self._requested_outputs(request.outputs)
-            priority, timeout_us = _scheduling_parameters(request.parameters)
-            results = await self.scheduler.submit(
-                {t.name: t.data for t in request.inputs},
-                batch_size,
-                [o.name for o in outputs],
-                priority=priority,
-                timeout_us=timeout_us,
-                deadline_s=deadline_s,
-            )
-            response = InferResponse(
-                model_name=self.name,
-                model_version=str(self.version),
-                id=request.id,
-                outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
-            )
-            ok = True
-            return response
-        finally:
-            self.stats.record_request(ok, time.perf_counter_ns() - start)
 
     def validate(self, request: InferRequest) -> int:
         """Checks inputs against the signature and returns the request's batch size (0 if none)."""
@@ -156,7 +90,7 @@ class Model:
             raise InvalidInputError(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
         return batch_sizes.pop() if batch_sizes else 0
 
-    def _requested_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
+    def requested_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
         if not requested:
             return [RequestedOutput(s.name) for s in self.signature.outputs]
         names: set[str] = set()
@@ -173,6 +107,83 @@ class Model:
             if output.classification_count and spec.datatype == "BYTES":
                 raise InvalidInputError(f"output '{output.name}' is BYTES and cannot be classified")
         return requested
+
+
+
+class Model:
+    """One version of one model, with its instances and scheduler, ready to serve.
+
+    Args:
+        name: Model name.
+        version: Version number.
+        platform: Platform string reported in metadata ("onnxruntime_onnx").
+        signature: Inputs, outputs, batching and labels.
+        instances: One runtime per model instance; each runs one batch at a time.
+        scheduler_config: Queueing and batching settings.
+        config: The completed model configuration message (returned by ModelConfig).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        platform: str,
+        signature: ModelSignature,
+        instances: Sequence[Runtime],
+        scheduler_config: SchedulerConfig,
+        config: Any,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.platform = platform
+        self.signature = signature
+        self.config = config
+        self.stats = ModelStats()
+        self._instances = list(instances)
+        self._outputs = {s.name: s for s in signature.outputs}
+        self.validator = SignatureValidator(name, signature)
+        self.scheduler = Scheduler(name, self._instances, scheduler_config, self.stats)
+
+    @property
+    def providers(self) -> Sequence[str]:
+        """Execution providers the instances actually run on."""
+        return self._instances[0].providers
+
+    async def infer(self, request: InferRequest, deadline_s: float | None = None) -> InferResponse:
+        """Validates a request, queues it, and builds its response.
+
+        Args:
+            request: The decoded request.
+            deadline_s: Seconds left before the client's deadline, if it set one.
+
+        Raises:
+            InvalidInputError: the request does not match the model's signature.
+            QueueFullError, DeadlineExceededError: from the scheduler.
+        """
+        start = time.perf_counter_ns()
+        ok = False
+        try:
+            batch_size = self.validator.validate(request)
+            outputs = self.validator.requested_outputs(request.outputs)
+            priority, timeout_us = _scheduling_parameters(request.parameters)
+            results = await self.scheduler.submit(
+                {t.name: t.data for t in request.inputs},
+                batch_size,
+                [o.name for o in outputs],
+                priority=priority,
+                timeout_us=timeout_us,
+                deadline_s=deadline_s,
+            )
+            response = InferResponse(
+                model_name=self.name,
+                model_version=str(self.version),
+                id=request.id,
+                outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
+            )
+            ok = True
+            return response
+        finally:
+            self.stats.record_request(ok, time.perf_counter_ns() - start)
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
         spec = self._outputs[requested.name]
@@ -235,4 +246,4 @@ def classify(data: np.ndarray, k: int, labels: list[str], batched: bool) -> np.n
     return out if batched else out.reshape(k)
 
 
-__all__ = ["Model", "ModelSignature", "ModelRunError", "classify"]
+__all__ = ["Model", "ModelSignature", "ModelRunError", "SignatureValidator", "classify"]

@@ -165,6 +165,8 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
         options.parallel_execution = int(params.get("execution_mode", "0")) == 1
         options.enable_mem_arena = _flag(params.get("enable_mem_arena", "true"))
         options.allow_spinning = _flag(params.get("allow_spinning", "false"))
+        if "arena_shrink_threshold_bytes" in params:
+            options.arena_shrink_above_bytes = int(params["arena_shrink_threshold_bytes"])
     except ValueError as exc:
         raise ModelLoadError(f"bad session parameter: {exc}") from exc
     level = params.get("graph_optimization_level")

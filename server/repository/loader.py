@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from server.core import datatypes
 from server.core.errors import ModelLoadError
+from server.core.types import TensorSpec
+from server.runtime.base import Runtime
 from server.core.model import Model, ModelSignature
 from server.repository import config as model_config
 from server.repository.repository import DEFAULT_MODEL_FILENAME, ModelRepository
@@ -33,16 +41,37 @@ def select_versions(policy: mc.ModelVersionPolicy, available: list[int]) -> list
     return available[-count:]
 
 
-def load_model(repository: ModelRepository, name: str, device: str, default_max_batch_size: int) -> list[Model]:
-    """Loads every version of `name` that its version policy selects.
+def load_model(
+    repository: ModelRepository,
+    name: str,
+    device: str,
+    default_max_batch_size: int,
+    config_override: mc.ModelConfig | None = None,
+) -> list[Model]:
+    """Loads, and warms up, every version of `name` that its version policy selects.
+
+    Args:
+        repository: Where the model lives.
+        name: Model name.
+        device: The server's --device.
+        default_max_batch_size: For fully auto-completed configs.
+        config_override: Used instead of the config file (RepositoryModelLoad's `config`).
 
     Raises:
         ModelLoadError: with the reason, for anything that stops the model loading.
         ModelNotFoundError / InvalidInputError: for a missing or invalid name.
     """
-    config = repository.read_config(name)
+    if config_override is not None:
+        repository.model_dir(name)
+        config = mc.ModelConfig()
+        config.CopyFrom(config_override)
+        if config.name and config.name != name:
+            raise ModelLoadError(f"config names model '{config.name}' but the request loads '{name}'")
+        config.name = name
+    else:
+        config = repository.read_config(name)
     if config.platform == "ensemble" or config.HasField("ensemble_scheduling"):
-        raise ModelLoadError("ensemble models are not supported by this server version")
+        raise ModelLoadError("an ensemble is loaded by the registry, not as an ONNX model")
     if config.platform not in ("", model_config.ONNX_PLATFORM) or config.backend not in ("", model_config.ONNX_BACKEND):
         raise ModelLoadError(
             f"platform '{config.platform or config.backend}' is not supported; ortserve serves ONNX models"
@@ -71,14 +100,14 @@ def _load_version(
     repository: ModelRepository,
     name: str,
     version: int,
-    model_path,
+    model_path: Path,
     config: mc.ModelConfig,
     device: str,
     default_max_batch_size: int,
 ) -> Model:
     options = model_config.session_options(config, device)
-    # Read the file once: sessions are made from these bytes, never from the path.
-    model_bytes = model_path.read_bytes()
+    # Read the files once: sessions are made from these bytes, never from the paths.
+    model_bytes = read_model_bytes(model_path)
     instances = [ort_runtime.OnnxRuntimeSession(model_bytes, model_path.parent, options)]
     try:
         first = instances[0]
@@ -96,6 +125,7 @@ def _load_version(
         config.parameters["execution_provider"].string_value = first.providers[0]
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
         scheduling = model_config.scheduler_config(config, HARD_QUEUE_LIMIT)
+        warm_up(config, signature, instances, repository.model_dir(name))
         model = Model(name, version, config.platform, signature, instances, scheduling, config)
     except BaseException:
         for instance in instances:
@@ -106,3 +136,87 @@ def _load_version(
         name, version, first.providers[0], len(instances), config.max_batch_size,
     )
     return model
+
+
+def read_model_bytes(path: Path) -> bytes:
+    """The model file with any external weight files folded in, all read now.
+
+    External data must lie inside the version directory: a model may not read
+    files elsewhere on the machine. The folded model must fit protobuf's 2 GiB.
+
+    Raises:
+        ModelLoadError: unreadable file, external data outside the directory, too big.
+    """
+    data = path.read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # onnx raises DecodeError and others for garbage
+        raise ModelLoadError(f"{path.name} is not an ONNX model: {type(exc).__name__}") from exc
+    external = [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return data
+    base = path.parent.resolve()
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base) or not target.is_file():
+            raise ModelLoadError(f"external data '{location}' of '{tensor.name}' is not a file inside {base.name}/")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+        return model.SerializeToString()
+    except ValueError as exc:
+        raise ModelLoadError(f"model with external data is too large to hold in memory: {exc}") from exc
+
+
+def _warmup_array(name: str, spec: TensorSpec, entry: mc.ModelWarmup.Input, batch: int, model_dir: Path) -> np.ndarray:
+    dims = list(entry.dims) or [d if d > 0 else 1 for d in spec.dims]
+    shape = ([batch] if batch > 0 else []) + dims
+    dtype = datatypes.BY_NAME[spec.datatype]
+    count = int(np.prod(shape))
+    kind = entry.WhichOneof("input_data_type")
+    if kind == "input_data_file":
+        path = (model_dir / "warmup" / entry.input_data_file).resolve()
+        if not path.is_relative_to(model_dir / "warmup") or not path.is_file():
+            raise ModelLoadError(f"warm-up file '{entry.input_data_file}' is not in {model_dir.name}/warmup/")
+        raw = path.read_bytes()
+        if spec.datatype == "BYTES":
+            from server.rpc.tensor_codec import decode_bytes
+
+            one = decode_bytes(raw, count // max(batch, 1), name)
+            return np.concatenate([one] * max(batch, 1)).reshape(shape)
+        single = np.frombuffer(raw, dtype=dtype.numpy_dtype)
+        return np.concatenate([single] * max(batch, 1)).reshape(shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, b"", dtype=object)
+    if kind == "random_data":
+        rng = np.random.default_rng(0)
+        if dtype.numpy_dtype.kind == "f":
+            return rng.standard_normal(shape).astype(dtype.numpy_dtype)
+        if dtype.numpy_dtype.kind == "b":
+            return rng.integers(0, 2, shape).astype(bool)
+        return rng.integers(0, 8, shape).astype(dtype.numpy_dtype)
+    return np.zeros(shape, dtype=dtype.numpy_dtype)
+
+
+def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: list[Runtime], model_dir: Path) -> None:
+    """Runs Triton's model_warmup samples on every instance before the model is ready.
+
+    Raises:
+        ModelLoadError: a sample names unknown inputs or its run fails.
+    """
+    specs = {s.name: s for s in signature.inputs}
+    outputs = [o.name for o in signature.outputs]
+    for sample in config.model_warmup:
+        unknown = sorted(set(sample.inputs) - set(specs))
+        if unknown:
+            raise ModelLoadError(f"warm-up '{sample.name}' names unknown input(s) {unknown}")
+        batch = max(sample.batch_size, 1) if signature.max_batch_size > 0 else 0
+        try:
+            feed = {n: _warmup_array(n, specs[n], e, batch, model_dir) for n, e in sample.inputs.items()}
+            for instance in instances:
+                for _ in range(max(sample.count, 1)):
+                    instance.run(feed, outputs)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"warm-up '{sample.name}' failed: {str(exc).strip().splitlines()[0][:200]}") from exc

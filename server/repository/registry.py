@@ -1,11 +1,14 @@
-"""The loaded models, their states and the reasons they are not ready."""
+"""The served models: loading, atomic reloads, unloading, states and reasons, lookups."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Union
 
+from server.core.ensemble import ENSEMBLE_PLATFORM, EnsembleModel, EnsembleStep, check_graph
 from server.core.errors import (
     InvalidInputError,
     ModelLoadError,
@@ -13,9 +16,11 @@ from server.core.errors import (
     ModelNotReadyError,
     ServerError,
 )
-from server.core.model import Model
+from server.core.model import Model, ModelSignature
+from server.repository import config as model_config
 from server.repository.loader import load_model
-from server.repository.repository import ModelRepository, _VALID_NAME
+from server.repository.repository import CONFIG_FILES, DEFAULT_MODEL_FILENAME, ModelRepository, _VALID_NAME
+from server.rpc.pb import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +29,32 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 
+ServedModel = Union[Model, EnsembleModel]
+# How long a replaced version may take to finish the requests it admitted.
+DRAIN_TIMEOUT_S = 120.0
+
 
 @dataclass
 class ModelEntry:
-    """A model the server knows of: its served versions, or why it has none."""
+    """A model the server knows of: its served versions, or why it has none.
+
+    Attributes:
+        name: Model name.
+        state: READY, LOADING (first load), UNLOADING or UNAVAILABLE.
+        reason: Why the model is not READY.
+        versions: Served versions.
+        reloading: A new version set is being loaded while these versions serve.
+        reload_error: Why the last reload failed (the old versions kept serving).
+        fingerprint: What the files looked like at the last load (for poll mode).
+    """
 
     name: str
     state: str
     reason: str = ""
-    versions: dict[int, Model] = field(default_factory=dict)
+    versions: dict[int, ServedModel] = field(default_factory=dict)
+    reloading: bool = False
+    reload_error: str = ""
+    fingerprint: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -45,64 +67,186 @@ class IndexEntry:
     reason: str
 
 
+def fingerprint(repository: ModelRepository, name: str) -> tuple:
+    """Sizes and modification times of a model's config and version files: changes mean reload."""
+    try:
+        model_dir = repository.model_dir(name)
+    except ServerError:
+        return ()
+    parts: list[tuple] = []
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and (path.name in CONFIG_FILES or path.parent != model_dir or path.suffix == ".txt"):
+            stat = path.stat()
+            parts.append((str(path.relative_to(model_dir)), stat.st_size, stat.st_mtime_ns))
+    return tuple(parts)
+
+
 class ModelRegistry:
-    """Loads models from a repository and finds the version a request asks for.
+    """Loads models from a repository, swaps new versions in atomically, finds what requests name.
+
+    A reload loads and warms the new versions while the old ones serve, swaps them in
+    one step on the event loop, then lets the old ones finish the requests they
+    admitted before releasing them. A reload that fails leaves the old versions serving.
 
     Args:
         repository: Where models are read from.
         device: The server's --device (auto, cpu, cuda).
-        default_max_batch_size: max_batch_size given to fully auto-completed models
-            whose graph batches.
+        default_max_batch_size: max_batch_size given to fully auto-completed models.
+        on_change: Called after any state change (to update health statuses).
     """
 
-    def __init__(self, repository: ModelRepository, device: str, default_max_batch_size: int) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        device: str,
+        default_max_batch_size: int,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.repository = repository
         self._device = device
         self._default_max_batch_size = default_max_batch_size
         self._entries: dict[str, ModelEntry] = {}
-        # Loads run on worker threads; lookups on the event loop read a consistent dict.
-        self._lock = threading.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._on_change = on_change
 
-    def load_all(self) -> None:
-        """Loads every model in the repository; a failure is recorded and the rest still load."""
-        for name in self.repository.model_names():
-            self.load(name)
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
-    def load(self, name: str) -> ModelEntry:
-        """(Re)loads one model; its state says whether it worked and why not."""
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Loads the named models (default: every model in the repository); failures are recorded."""
+        for name in names if names is not None else self.repository.model_names():
+            try:
+                await self.load(name)
+            except ServerError as exc:
+                logger.error("model '%s' not loaded: %s", name, exc)
+
+    async def load(self, name: str, config_override: mc.ModelConfig | None = None) -> ModelEntry:
+        """Loads or reloads one model; while a reload runs, the current versions keep serving.
+
+        Raises:
+            InvalidInputError / ModelNotFoundError: bad name, or no such directory.
+            ModelLoadError: the (re)load failed; the reason is also kept for RepositoryIndex.
+        """
         self.repository.model_dir(name)  # refuses invalid or escaping names first
-        with self._lock:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
             previous = self._entries.get(name)
-            self._entries[name] = ModelEntry(name, LOADING, versions=previous.versions if previous else {})
-        try:
-            models = load_model(self.repository, name, self._device, self._default_max_batch_size)
-        except ServerError as exc:
-            entry = ModelEntry(name, UNAVAILABLE, reason=str(exc))
-            logger.error("model '%s' failed to load: %s", name, exc)
-        except Exception as exc:  # a loader bug must not stop the other models
-            logger.exception("model '%s' failed to load", name)
-            entry = ModelEntry(name, UNAVAILABLE, reason=f"internal error while loading: {type(exc).__name__}")
-        else:
-            entry = ModelEntry(name, READY, versions={m.version: m for m in models})
-        with self._lock:
+            serving = previous is not None and previous.state == READY and bool(previous.versions)
+            if serving:
+                previous.reloading = True
+            else:
+                self._entries[name] = ModelEntry(name, LOADING)
+            self._changed()
+            stamp = fingerprint(self.repository, name)
+            try:
+                models = await asyncio.to_thread(self._build, name, config_override)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ServerError) else f"internal error while loading: {type(exc).__name__}"
+                if not isinstance(exc, ServerError):
+                    logger.exception("model '%s' failed to load", name)
+                else:
+                    logger.error("model '%s' failed to load: %s", name, reason)
+                if serving and previous is not None:
+                    previous.reloading = False
+                    previous.reload_error = reason
+                    previous.fingerprint = stamp  # do not retry the same files on every poll
+                else:
+                    self._entries[name] = ModelEntry(name, UNAVAILABLE, reason=reason, fingerprint=stamp)
+                self._changed()
+                if isinstance(exc, ServerError) and not isinstance(exc, ModelLoadError):
+                    raise
+                raise ModelLoadError(f"failed to load '{name}': {reason}") from exc
+            # The swap: one assignment on the event loop; requests that already hold an
+            # old version finish on it.
+            entry = ModelEntry(name, READY, versions={m.version: m for m in models}, fingerprint=stamp)
             self._entries[name] = entry
-        if previous:
-            for model in previous.versions.values():
-                if entry.versions.get(model.version) is not model:
-                    model.close()
-        return entry
+            if previous is not None:
+                self._retire(list(previous.versions.values()))
+            logger.info("model '%s' ready (version(s) %s)", name, ", ".join(str(v) for v in sorted(entry.versions)))
+            self._changed()
+            return entry
 
-    def unload(self, name: str) -> None:
-        """Stops serving a model and releases it."""
-        with self._lock:
+    def _build(self, name: str, config_override: mc.ModelConfig | None) -> list[ServedModel]:
+        config = config_override if config_override is not None else self.repository.read_config(name)
+        if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
+            return [self._build_ensemble(name, config)]
+        return list(load_model(self.repository, name, self._device, self._default_max_batch_size, config_override))
+
+    def _build_ensemble(self, name: str, source: mc.ModelConfig) -> EnsembleModel:
+        config = mc.ModelConfig()
+        config.CopyFrom(source)
+        config.name = name
+        config.platform = ENSEMBLE_PLATFORM
+        if not config.input or not config.output:
+            raise ModelLoadError("an ensemble config must list its inputs and outputs")
+        for tensor in [*config.input, *config.output]:
+            if tensor.data_type == mc.TYPE_INVALID:
+                raise ModelLoadError(f"ensemble tensor '{tensor.name}' needs a data_type")
+        inputs, outputs = model_config.tensor_specs(config)
+        steps = [
+            EnsembleStep(s.model_name, int(s.model_version), dict(s.input_map), dict(s.output_map))
+            for s in config.ensemble_scheduling.step
+        ]
+        check_graph([i.name for i in inputs], [o.name for o in outputs], steps)
+        labels = {o.name: self.repository.label_file(name, o.label_filename) for o in outputs if o.label_filename}
+        model_dir = self.repository.model_dir(name)
+        version = max((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=1)
+        signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
+        return EnsembleModel(name, version, signature, steps, self.get, config)
+
+    def _retire(self, models: list[ServedModel]) -> None:
+        if models:
+            task = asyncio.get_running_loop().create_task(self._drain_and_close(models))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _drain_and_close(self, models: list[ServedModel]) -> None:
+        for model in models:
+            if isinstance(model, Model):
+                waited = 0.0
+                while model.scheduler.busy and waited < DRAIN_TIMEOUT_S:
+                    await asyncio.sleep(0.01)
+                    waited += 0.01
+            await model.stop()
+            await asyncio.to_thread(model.close)
+            logger.info("released model '%s' version %d", model.name, model.version)
+
+    async def unload(self, name: str) -> None:
+        """Stops serving a model: new requests are refused, admitted ones finish, then it is released.
+
+        Raises:
+            ModelNotFoundError: the model is not loaded.
+        """
+        if not _VALID_NAME.match(name or ""):
+            raise InvalidInputError(f"invalid model name {name!r}")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
             entry = self._entries.get(name)
-            if entry is None:
+            if entry is None or entry.state not in (READY, LOADING):
                 raise ModelNotFoundError(f"model '{name}' is not loaded")
-            self._entries[name] = ModelEntry(name, UNAVAILABLE, reason="unloaded")
-        for model in entry.versions.values():
-            model.close()
+            self._entries[name] = ModelEntry(name, UNLOADING, reason="unloading")
+            self._changed()
+            self._retire(list(entry.versions.values()))
+            self._entries[name] = ModelEntry(name, UNAVAILABLE, reason="unloaded", fingerprint=entry.fingerprint)
+            self._changed()
 
-    def get(self, name: str, version: str = "") -> Model:
+    async def poll(self) -> None:
+        """One pass of poll mode: load new models, reload changed ones, unload removed ones."""
+        on_disk = set(self.repository.model_names())
+        for name in sorted(on_disk):
+            entry = self._entries.get(name)
+            if entry is None or (entry.fingerprint != fingerprint(self.repository, name) and not entry.reloading):
+                try:
+                    await self.load(name)
+                except ServerError as exc:
+                    logger.warning("poll: %s", exc)
+        for name in sorted(set(self._entries) - on_disk):
+            if self._entries[name].state == READY:
+                await self.unload(name)
+
+    def get(self, name: str, version: str = "") -> ServedModel:
         """The model version a request names; an empty version means the highest ready one.
 
         Raises:
@@ -116,7 +260,7 @@ class ModelRegistry:
         if entry is None:
             raise ModelNotFoundError(f"unknown model '{name}'")
         if entry.state != READY:
-            reason = f": {entry.reason}" if entry.reason else ""
+            reason = f": {entry.reason}" if entry.reason and entry.reason != entry.state.lower() else ""
             raise ModelNotReadyError(f"model '{name}' is not ready ({entry.state.lower()}){reason}")
         if not version:
             return entry.versions[max(entry.versions)]
@@ -140,7 +284,7 @@ class ModelRegistry:
         """Every known model, sorted by name."""
         return [self._entries[n] for n in sorted(self._entries)]
 
-    def models(self, name: str = "", version: str = "") -> list[Model]:
+    def models(self, name: str = "", version: str = "") -> list[ServedModel]:
         """Ready model versions, all of them or those of one name (and version)."""
         if name:
             if version:
@@ -150,7 +294,7 @@ class ModelRegistry:
         return [m for e in self.entries() for _, m in sorted(e.versions.items())]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """RepositoryIndex rows: every model on disk or loaded, with state and reason."""
+        """RepositoryIndex rows: every model on disk or known, with state and reason."""
         names = set(self.repository.model_names()) | set(self._entries)
         rows = []
         for name in sorted(names):
@@ -161,17 +305,21 @@ class ModelRegistry:
                 continue
             if entry.state == READY:
                 rows.extend(IndexEntry(name, str(v), READY, "") for v in sorted(entry.versions))
+                if not ready_only and entry.reloading:
+                    rows.append(IndexEntry(name, "", LOADING, "a new version is loading; the current one serves"))
+                elif not ready_only and entry.reload_error:
+                    rows.append(IndexEntry(name, "", UNAVAILABLE, f"reload failed, still serving: {entry.reload_error}"))
             elif not ready_only:
                 rows.append(IndexEntry(name, "", entry.state, entry.reason))
         return rows
 
-    def close(self) -> None:
-        """Releases every model."""
-        with self._lock:
-            entries, self._entries = list(self._entries.values()), {}
+    async def close(self) -> None:
+        """Releases every model (after the requests they admitted)."""
+        entries, self._entries = list(self._entries.values()), {}
         for entry in entries:
-            for model in entry.versions.values():
-                model.close()
+            self._retire(list(entry.versions.values()))
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
-__all__ = ["ModelRegistry", "ModelEntry", "IndexEntry", "ModelLoadError"]
+__all__ = ["ModelRegistry", "ModelEntry", "IndexEntry", "ServedModel", "DEFAULT_MODEL_FILENAME"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format
+
 from server.core import datatypes
-from server.core.errors import InvalidInputError
-from server.core.model import Model
+from server.core.errors import InvalidInputError, UnsupportedError
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
-from server.repository.registry import IndexEntry
+from server.repository.registry import IndexEntry, ServedModel
 from server.rpc import tensor_codec
 from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.pb import model_config_pb2 as mc
 
 MAX_DIMS = 32
 
@@ -97,7 +99,7 @@ def infer_response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-def model_metadata_to_pb(name: str, models: list[Model]) -> pb.ModelMetadataResponse:
+def model_metadata_to_pb(name: str, models: list[ServedModel]) -> pb.ModelMetadataResponse:
     """ModelMetadata for the served versions of one model (signature of the highest)."""
     newest = models[-1]
     batch = [-1] if newest.signature.max_batch_size > 0 else []
@@ -109,7 +111,7 @@ def model_metadata_to_pb(name: str, models: list[Model]) -> pb.ModelMetadataResp
     return message
 
 
-def model_statistics_to_pb(model: Model, target: pb.ModelStatistics) -> None:
+def model_statistics_to_pb(model: ServedModel, target: pb.ModelStatistics) -> None:
     """Fills one ModelStatistics entry from a model's counters."""
     stats = model.stats
     target.name = model.name
@@ -169,3 +171,26 @@ def merge_statistics(target: pb.ModelStatisticsResponse, other: pb.ModelStatisti
             copy.CopyFrom(batch)
         del mine.batch_stats[:]
         mine.batch_stats.extend(copies)
+
+
+def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
+    """RepositoryModelLoad's `config` parameter (a JSON ModelConfig), if given.
+
+    Raises:
+        InvalidInputError: the JSON does not parse as a ModelConfig.
+        UnsupportedError: `file:` parameters (model files sent in the request).
+    """
+    files = [key for key in parameters if key.startswith("file:")]
+    if files:
+        raise UnsupportedError("loading model files sent in the request (file: parameters) is not supported")
+    if "config" not in parameters:
+        return None
+    param = parameters["config"]
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInputError("the 'config' parameter must be a JSON string")
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(param.string_param, config)
+    except json_format.ParseError as exc:
+        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {exc}") from exc
+    return config

@@ -42,10 +42,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version: Server version reported in ServerMetadata.
     """
 
-    def __init__(self, registry: ModelRegistry, state: ServerState, version: str) -> None:
+    def __init__(self, registry: ModelRegistry, state: ServerState, version: str, control_mode: str = "none") -> None:
         self._registry = registry
         self._state = state
         self._version = version
+        self._control_mode = control_mode
         # Private addresses of sibling worker processes (see server/workers.py).
         self.peers: list[str] = []
         self.worker_index: int | None = None
@@ -77,7 +78,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self._state.started or self._state.draining:
             return False
         if self._state.strict_readiness:
-            return all(e.state == READY for e in self._registry.entries())
+            # Models unloaded on purpose (explicit mode) do not make the server unready.
+            return all(e.state == READY or e.reason == "unloaded" for e in self._registry.entries())
         return True
 
     @status.unary
@@ -180,8 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelStatisticsResponse()
         for model in self._registry.models(request.name, request.version):
             converters.model_statistics_to_pb(model, response.model_stats.add())
-        asked_by_peer = any(key == PEER_HEADER for key, _ in context.invocation_metadata() or ())
-        if self.peers and not asked_by_peer:
+        if self.peers and not _from_peer(context):
             replies = await asyncio.gather(*(self._peer_statistics(a, request) for a in self.peers))
             for reply in replies:
                 if reply is not None:
@@ -194,17 +195,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryIndexResponse:
         return converters.repository_index_to_pb(self._registry.index(ready_only=request.ready))
 
+    def _check_explicit(self, action: str) -> None:
+        if self._control_mode != "explicit":
+            raise PermissionDeniedError(
+                f"model {action} through the API needs --model-control-mode explicit (this server runs "
+                f"'{self._control_mode}')"
+            )
+
+    async def _on_peers(self, method: str, request: object) -> None:
+        """Repeats a load or unload on the sibling workers so all of them serve the same models."""
+        async def call(address: str) -> None:
+            channel = self._peer_channels.get(address)
+            if channel is None:
+                channel = self._peer_channels[address] = grpc.aio.insecure_channel(address)
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await getattr(stub, method)(request, metadata=((PEER_HEADER, "1"),), timeout=600)
+
+        await asyncio.gather(*(call(a) for a in self.peers))
+
     @status.unary
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        raise PermissionDeniedError("model loading through the API needs --model-control-mode explicit")
+        self._check_explicit("loading")
+        override = converters.config_override_from_pb(request.parameters)
+        await self._registry.load(request.model_name, override)
+        if self.peers and not _from_peer(context):
+            await self._on_peers("RepositoryModelLoad", request)
+        return pb.RepositoryModelLoadResponse()
 
     @status.unary
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        raise PermissionDeniedError("model unloading through the API needs --model-control-mode explicit")
+        self._check_explicit("unloading")
+        await self._registry.unload(request.model_name)
+        if self.peers and not _from_peer(context):
+            await self._on_peers("RepositoryModelUnload", request)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _from_peer(context: grpc.aio.ServicerContext) -> bool:
+    return any(key == PEER_HEADER for key, _ in context.invocation_metadata() or ())
 
 
 def _unsupported(feature: str) -> Callable[..., object]:

@@ -41,6 +41,9 @@ class SessionOptions:
         parallel_execution: Run independent graph branches in parallel.
         graph_optimization: One of disable, basic, extended, all.
         enable_mem_arena: Use ONNX Runtime's CPU memory arena.
+        arena_shrink_above_bytes: After a run whose inputs exceed this many bytes, the
+            CPU memory arena gives its unused memory back (otherwise one large request
+            keeps the process's memory high for good).
         allow_spinning: Let idle intra-op threads spin-wait for work. Off by default: in
             a server the spinning threads take the cores that gRPC and the event loop need.
         provider_options: Per-provider options, keyed by provider name.
@@ -54,6 +57,7 @@ class SessionOptions:
     graph_optimization: str = "all"
     enable_mem_arena: bool = True
     allow_spinning: bool = False
+    arena_shrink_above_bytes: int = 8 << 20
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -119,6 +123,9 @@ class OnnxRuntimeSession(Runtime):
         self._inputs = [_graph_tensor(a) for a in self._session.get_inputs()]
         self._outputs = [_graph_tensor(a) for a in self._session.get_outputs()]
         self._string_inputs = {t.name for t in self._inputs if t.datatype == "BYTES"}
+        self._shrink_above = options.arena_shrink_above_bytes if options.enable_mem_arena else 0
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @property
     def inputs(self) -> Sequence[GraphTensor]:
@@ -134,7 +141,8 @@ class OnnxRuntimeSession(Runtime):
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         feed = {name: (_bytes_to_str(name, arr) if name in self._string_inputs else arr) for name, arr in inputs.items()}
-        results = self._session.run(list(output_names), feed)
+        large = self._shrink_above and sum(a.nbytes for a in feed.values()) > self._shrink_above
+        results = self._session.run(list(output_names), feed, self._shrink if large else None)
         return [_str_to_bytes(r) if r.dtype == object else r for r in results]
 
     def close(self) -> None:

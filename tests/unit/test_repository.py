@@ -121,28 +121,28 @@ def test_version_policies() -> None:
     assert select_versions(some, [3, 1, 2]) == [1, 3]
 
 
-def test_registry_serves_versions_and_survives_a_broken_model(repo: ModelRepository) -> None:
+async def test_registry_serves_versions_and_survives_a_broken_model(repo: ModelRepository) -> None:
     shutil.copytree(repo.root / "ident" / "1", repo.root / "ident" / "2")
     (repo.root / "ident" / "config.pbtxt").write_text("version_policy { all {} }")
     bad = repo.root / "bad" / "1"
     bad.mkdir(parents=True)
     (bad / "model.onnx").write_bytes(b"\x00\x01")
     registry = ModelRegistry(repo, "cpu", 8)
-    registry.load_all()
+    await registry.load_all()
     try:
         assert registry.get("ident").version == 2
         assert registry.get("ident", "1").version == 1
         assert registry.get("text").name == "text"
         with pytest.raises(ModelNotFoundError):
             registry.get("ident", "5")
-        with pytest.raises(ModelNotReadyError, match="ONNX Runtime could not create a session"):
+        with pytest.raises(ModelNotReadyError, match="is not an ONNX model"):
             registry.get("bad")
         rows = {(r.name, r.version): r for r in registry.index()}
         assert rows[("ident", "1")].state == rows[("ident", "2")].state == "READY"
         assert rows[("bad", "")].state == "UNAVAILABLE"
         assert [r.name for r in registry.index(ready_only=True)] == ["ident", "ident", "text"]
     finally:
-        registry.close()
+        await registry.close()
 
 
 def test_loaded_model_does_not_read_its_file_again(repo: ModelRepository) -> None:
