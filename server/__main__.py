@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], help="default none")
     serve.add_argument("--repository-poll-secs", type=float, help="poll mode scan interval (default 15)")
     serve.add_argument("--load-model", action="append", help="explicit mode: model to load at start (repeatable; * for all)")
-    serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (default 0: auto, 2 on 2+ cores)")
     serve.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"], help="default auto: uvloop if installed")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--peer-dir", type=Path, help=argparse.SUPPRESS)
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if settings.workers > 1 and settings.worker_index is None:
+    from server.memory import tune_allocator
+
+    tune_allocator()
+    if settings.worker_index is None and settings.resolved_workers() > 1:
+        settings = settings.model_copy(update={"workers": settings.resolved_workers()})
         from server.workers import supervise
 
         sys.exit(supervise(settings))

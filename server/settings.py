@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -42,14 +43,21 @@ class Settings(BaseSettings):
     """Seconds between repository scans in poll mode."""
     load_model: list[str] = Field(default_factory=list)
     """Models to load at start in explicit mode ("*" for all)."""
-    workers: int = Field(1, ge=1, le=64)
-    """Server processes sharing the port (SO_REUSEPORT), each with its own models and batchers."""
+    workers: int = Field(0, ge=0, le=64)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own models and batchers;
+    0 picks 2 on machines with 2 or more cores (measured best on 2 cores, see docs/benchmarks.md), else 1."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """auto: uvloop when it is installed, else asyncio's own loop."""
     worker_index: int | None = None
     """Set by the supervisor in a worker process; not a user setting."""
     peer_dir: Path | None = None
     """Set by the supervisor: where workers publish their private sockets."""
+
+    def resolved_workers(self) -> int:
+        """The worker count, with 0 (auto) resolved for this machine."""
+        if self.workers:
+            return self.workers
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

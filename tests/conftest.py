@@ -99,9 +99,11 @@ class ServerProcess:
         self.port_file = workdir / "port"
         self.log_path = workdir / "server.log"
         self.port_file.unlink(missing_ok=True)
+        # One process unless a test asks for workers: lighter, and its log holds everything.
+        workers = [] if "--workers" in extra else ["--workers", "1"]
         command = [
             sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *extra,
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *workers, *extra,
         ]
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)

@@ -46,3 +46,29 @@ def test_two_workers_share_the_port_and_add_up_statistics(repository, tmp_path: 
     finally:
         code = server.stop()
     assert code == 0, server.log()
+
+
+def test_default_worker_count_is_two_on_two_cores() -> None:
+    from server.settings import Settings
+
+    settings = Settings()
+    assert settings.workers == 0
+    expected = 2 if (__import__("os").cpu_count() or 1) >= 2 else 1
+    assert settings.resolved_workers() == expected
+    assert Settings(workers=3).resolved_workers() == 3
+
+
+def test_explicit_loads_reach_every_worker(repository, tmp_path: Path) -> None:
+    server = ServerProcess(
+        repository.path, tmp_path, "--workers", "2", "--model-control-mode", "explicit", "--load-model", "addsub"
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"), timeout=120)
+        for _ in range(10):
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                assert stub.ModelReady(pb.ModelReadyRequest(name="digits"), timeout=30).ready
+    finally:
+        assert server.stop() == 0, server.log()
