@@ -66,3 +66,21 @@ def test_predict_client_reports_errors(example_server) -> None:
     )
     assert result.returncode == 1
     assert "NOT_FOUND" in result.stderr
+
+
+@pytest.mark.parametrize("digit", [1, 4, 6])
+def test_predict_client_through_the_pipeline(example_server, digit: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "clients/predict.py", "--url", example_server.address, "--model", "digits_pipeline",
+         "--image", f"clients/samples/digit_{digit}.png", "--top-k", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].split(":")[-1] == str(digit), result.stdout
+
+
+def test_example_repository_is_fully_ready(example_server) -> None:
+    client = grpcclient.InferenceServerClient(example_server.address)
+    assert client.is_server_ready()  # strict readiness: every model loaded
+    names = {m.name for m in client.get_model_repository_index().models if m.state == "READY"}
+    assert names == {"digits", "digits_preprocess", "digits_pipeline"}
