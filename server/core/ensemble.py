@@ -90,7 +90,7 @@ class EnsembleModel:
         version: int,
         signature: ModelSignature,
         steps: list[EnsembleStep],
-        lookup: Callable[[str, str], Model],
+        lookup: Callable[[str, str], Model | EnsembleModel],
         config: Any,
     ) -> None:
         self.name = name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from server.core import datatypes
 from server.core.batcher import QueuePolicy, SchedulerConfig
@@ -23,7 +24,7 @@ def _config_type(datatype: str) -> int:
     return int(mc.DataType.Value(datatypes.BY_NAME[datatype].config_name))
 
 
-def _protocol_type(data_type: int) -> str:
+def _protocol_type(data_type: mc.DataType.ValueType) -> str:
     name = mc.DataType.Name(data_type)
     dtype = datatypes.BY_CONFIG_NAME.get(name)
     if dtype is None:
@@ -62,7 +63,7 @@ def complete_config(
     _complete_tensors(config.output, graph_outputs, batching, "output")
 
 
-def _complete_tensors(declared: Sequence, graph: Sequence[GraphTensor], batching: bool, kind: str) -> None:
+def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: bool, kind: str) -> None:
     by_name = {t.name: t for t in graph}
     for entry in declared:
         tensor = by_name.get(entry.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,7 @@ def _warmup_array(name: str, spec: TensorSpec, entry: mc.ModelWarmup.Input, batc
     return np.zeros(shape, dtype=dtype.numpy_dtype)
 
 
-def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: list[Runtime], model_dir: Path) -> None:
+def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: Sequence[Runtime], model_dir: Path) -> None:
     """Runs Triton's model_warmup samples on every instance before the model is ready.
 
     Raises:

@@ -133,9 +133,9 @@ class ModelRegistry:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             previous = self._entries.get(name)
-            serving = previous is not None and previous.state == READY and bool(previous.versions)
-            if serving:
-                previous.reloading = True
+            serving = previous if previous is not None and previous.state == READY and previous.versions else None
+            if serving is not None:
+                serving.reloading = True
             else:
                 self._entries[name] = ModelEntry(name, LOADING)
             self._changed()
@@ -148,10 +148,10 @@ class ModelRegistry:
                     logger.exception("model '%s' failed to load", name)
                 else:
                     logger.error("model '%s' failed to load: %s", name, reason)
-                if serving and previous is not None:
-                    previous.reloading = False
-                    previous.reload_error = reason
-                    previous.fingerprint = stamp  # do not retry the same files on every poll
+                if serving is not None:
+                    serving.reloading = False
+                    serving.reload_error = reason
+                    serving.fingerprint = stamp  # do not retry the same files on every poll
                 else:
                     self._entries[name] = ModelEntry(name, UNAVAILABLE, reason=reason, fingerprint=stamp)
                 self._changed()
@@ -181,9 +181,10 @@ class ModelRegistry:
         config.platform = ENSEMBLE_PLATFORM
         if not config.input or not config.output:
             raise ModelLoadError("an ensemble config must list its inputs and outputs")
-        for tensor in [*config.input, *config.output]:
-            if tensor.data_type == mc.TYPE_INVALID:
-                raise ModelLoadError(f"ensemble tensor '{tensor.name}' needs a data_type")
+        untyped = [t.name for t in config.input if t.data_type == mc.TYPE_INVALID]
+        untyped += [t.name for t in config.output if t.data_type == mc.TYPE_INVALID]
+        if untyped:
+            raise ModelLoadError(f"ensemble tensor(s) {untyped} need a data_type")
         inputs, outputs = model_config.tensor_specs(config)
         steps = [
             EnsembleStep(s.model_name, int(s.model_version), dict(s.input_map), dict(s.output_map))

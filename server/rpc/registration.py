@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -26,7 +27,7 @@ class MalformedRequest:
     reason: str
 
 
-def _safe_deserializer(message_class: type) -> Callable[[bytes], object]:
+def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
     def deserialize(data: bytes) -> object:
         try:
             return message_class.FromString(data)
