@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from exporters.export import remove_model
-from exporters.models import digits
+from exporters.models import decoder, digits
 
 MIN_DIGITS_ACCURACY = 0.97
 
@@ -27,6 +27,14 @@ def build_digits(repository: Path, samples_dir: Path | None) -> float:
     return accuracy
 
 
+def build_decoder(repository: Path) -> float:
+    """Trains the byte-level decoder on the stdlib's source and exports it with its KV cache."""
+    model, loss = decoder.train(decoder.DecoderConfig())
+    remove_model(repository, "bytes_decoder")
+    decoder.export(model, repository, "bytes_decoder")
+    return loss
+
+
 def write_samples(samples_dir: Path, config: digits.DigitsConfig) -> None:
     """One held-out image per class, as a dark digit on white 64x64 PNG (like a scan)."""
     import numpy as np
@@ -44,11 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--samples", type=Path, default=Path("clients/samples"))
+    parser.add_argument("--only", choices=["digits", "decoder"], help="rebuild one example (default: all)")
     args = parser.parse_args()
-    start = time.perf_counter()
-    accuracy = build_digits(args.repository, args.samples)
-    print(f"digits: held-out accuracy {accuracy:.4f}, written to {args.repository / 'digits'} "
-          f"in {time.perf_counter() - start:.1f}s")
+    if args.only in (None, "digits"):
+        start = time.perf_counter()
+        accuracy = build_digits(args.repository, args.samples)
+        print(f"digits: held-out accuracy {accuracy:.4f}, written to {args.repository / 'digits'} "
+              f"in {time.perf_counter() - start:.1f}s")
+    if args.only in (None, "decoder"):
+        start = time.perf_counter()
+        loss = build_decoder(args.repository)
+        print(f"bytes_decoder: final training loss {loss:.3f} nats/byte, written to "
+              f"{args.repository / 'bytes_decoder'} in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

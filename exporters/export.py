@@ -43,6 +43,8 @@ class ExportSpec:
         label_output: The output that the labels describe.
         dynamic_batching: Write a `dynamic_batching {}` block into the config.
         extra_config: Text-format ModelConfig fields merged into the written config.
+        dynamic_axes: Dynamic axes per tensor name; replaces the batch-only default
+            (for models such as decoders whose sequence lengths vary too).
     """
 
     input_names: list[str]
@@ -57,6 +59,7 @@ class ExportSpec:
     label_output: str = ""
     dynamic_batching: bool = False
     extra_config: str = ""
+    dynamic_axes: dict[str, dict[int, str]] | None = None
 
 
 def _random_like(example, batch_size: int | None, generator):  # type: ignore[no-untyped-def]
@@ -83,8 +86,8 @@ def to_onnx(module, example_inputs: Sequence, spec: ExportSpec) -> onnx.ModelPro
     import torch
 
     module.eval()
-    dynamic_axes = None
-    if spec.dynamic_batch:
+    dynamic_axes = spec.dynamic_axes
+    if dynamic_axes is None and spec.dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in [*spec.input_names, *spec.output_names]}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
