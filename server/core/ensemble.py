@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from server.core.errors import InvalidInputError, ModelLoadError, ServerError
+from server.core.errors import ModelLoadError, ServerError
 from server.core.model import Model, ModelSignature, SignatureValidator, classify
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
@@ -171,4 +171,4 @@ class EnsembleModel:
         """Nothing of its own to release."""
 
 
-__all__ = ["EnsembleModel", "EnsembleStep", "check_graph", "InvalidInputError"]
+__all__ = ["EnsembleModel", "EnsembleStep", "check_graph"]

@@ -19,7 +19,7 @@ from server.core.errors import (
 from server.core.model import Model, ModelSignature
 from server.repository import config as model_config
 from server.repository.loader import load_model
-from server.repository.repository import CONFIG_FILES, DEFAULT_MODEL_FILENAME, ModelRepository, _VALID_NAME
+from server.repository.repository import CONFIG_FILES, ModelRepository, VALID_MODEL_NAME
 from server.rpc.pb import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ModelRegistry:
         Raises:
             ModelNotFoundError: the model is not loaded.
         """
-        if not _VALID_NAME.match(name or ""):
+        if not VALID_MODEL_NAME.match(name or ""):
             raise InvalidInputError(f"invalid model name {name!r}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -255,7 +255,7 @@ class ModelRegistry:
             ModelNotFoundError: no such model or version.
             ModelNotReadyError: the model exists but is not serving.
         """
-        if not _VALID_NAME.match(name or ""):
+        if not VALID_MODEL_NAME.match(name or ""):
             raise InvalidInputError(f"invalid model name {name!r}") if name else InvalidInputError("model name is empty")
         entry = self._entries.get(name)
         if entry is None:
@@ -323,4 +323,4 @@ class ModelRegistry:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
-__all__ = ["ModelRegistry", "ModelEntry", "IndexEntry", "ServedModel", "DEFAULT_MODEL_FILENAME"]
+__all__ = ["ModelRegistry", "ModelEntry", "IndexEntry", "ServedModel"]

@@ -15,7 +15,7 @@ from server.rpc.pb import model_config_pb2 as mc
 CONFIG_FILES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 DEFAULT_MODEL_FILENAME = "model.onnx"
 # A model name is one path component of ordinary characters: no separators, no dots-only names.
-_VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+VALID_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 class ModelRepository:
@@ -32,7 +32,7 @@ class ModelRepository:
         """Every directory in the repository that looks like a model, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _VALID_NAME.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and VALID_MODEL_NAME.match(p.name))
 
     def model_dir(self, name: str) -> Path:
         """The directory of model `name`, refusing names that would leave the repository.
@@ -41,7 +41,7 @@ class ModelRepository:
             InvalidInputError: the name is not a plain model name.
             ModelNotFoundError: no such model directory.
         """
-        if not _VALID_NAME.match(name or "") or name in (".", ".."):
+        if not VALID_MODEL_NAME.match(name or "") or name in (".", ".."):
             raise InvalidInputError(f"invalid model name {name!r}")
         path = (self.root / name).resolve()
         if path.parent != self.root:
