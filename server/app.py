@@ -18,7 +18,8 @@ from server.repository.registry import READY, ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc.pb import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.registration import add_inference_service
+from server.rpc.generation_servicer import TextGenerationServicer
+from server.rpc.registration import GENERATION_SERVICE, add_generation_service, add_inference_service
 from server.rpc.servicers import InferenceServicer, ServerState
 from server.settings import Settings
 
@@ -81,8 +82,9 @@ class OrtServer:
         ]
         server = grpc.aio.server(options=options)
         add_inference_service(self.servicer, server)
+        add_generation_service(TextGenerationServicer(self.registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server, pool=_reflection_pool())
         try:
             self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")

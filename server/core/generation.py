@@ -364,3 +364,79 @@ class GenerationScheduler:
             # Token ids travel with the text they produced (a UTF-8 character may span tokens).
             ids, stream.unsent_ids = stream.unsent_ids, []
             stream.queue.put_nowait(TokenChunk(text, ids))
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """A text-generation request in Triton's tensor convention, decoded.
+
+    Inputs: `text_input` (BYTES), and optionally `max_tokens` (INT32), `stream` (BOOL),
+    `sampling_parameters` (BYTES, a JSON object), `exclude_input_in_output` (BOOL).
+    """
+
+    prompt: bytes
+    params: SamplingParams
+    stream: bool
+    exclude_input: bool
+
+
+_JSON_FIELDS = {
+    "max_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+    "repetition_penalty": float, "seed": int, "ignore_eos": bool,
+}
+
+
+def generation_args(inputs: dict[str, np.ndarray], default_stream: bool) -> GenerationArgs:
+    """Reads the text-generation tensors of a request.
+
+    Raises:
+        InvalidInputError: missing prompt, bad JSON, unknown sampling options, bad values.
+    """
+    def scalar(name: str) -> Any:
+        value = inputs.get(name)
+        if value is None:
+            return None
+        if value.size != 1:
+            raise InvalidInputError(f"input '{name}' must hold exactly one element, got {value.size}")
+        return value.reshape(-1)[0]
+
+    prompt = scalar("text_input")
+    if prompt is None:
+        raise InvalidInputError("missing input 'text_input' (BYTES)")
+    options: dict[str, Any] = {}
+    raw_json = scalar("sampling_parameters")
+    if raw_json is not None:
+        import json
+
+        try:
+            parsed = json.loads(bytes(raw_json).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"sampling_parameters is not a JSON object: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise InvalidInputError("sampling_parameters must be a JSON object")
+        for key, value in parsed.items():
+            if key == "stop":
+                stops = [value] if isinstance(value, str) else value
+                if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                    raise InvalidInputError("sampling_parameters.stop must be a string or a list of strings")
+                options["stop"] = tuple(stops)
+            elif key in _JSON_FIELDS:
+                try:
+                    options[key] = _JSON_FIELDS[key](value)
+                except (TypeError, ValueError) as exc:
+                    raise InvalidInputError(f"sampling_parameters.{key} has a bad value {value!r}") from exc
+            elif key not in ("stream", "min_tokens", "exclude_input_in_output"):
+                raise InvalidInputError(f"unknown sampling parameter '{key}'")
+    max_tokens = scalar("max_tokens")
+    if max_tokens is not None:
+        options["max_tokens"] = int(max_tokens)
+    stream = scalar("stream")
+    exclude = scalar("exclude_input_in_output")
+    params = SamplingParams(**options)
+    params.check()
+    return GenerationArgs(
+        prompt=bytes(prompt),
+        params=params,
+        stream=default_stream if stream is None else bool(stream),
+        exclude_input=bool(exclude) if exclude is not None else False,
+    )

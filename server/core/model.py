@@ -12,6 +12,7 @@ import numpy as np
 
 from server.core.batcher import ModelRunError, Scheduler, SchedulerConfig
 from server.core.errors import InvalidInputError
+from server.core.generation import GenerationScheduler, generation_args
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
 from server.runtime.base import Runtime
@@ -121,6 +122,7 @@ class Model:
         instances: One runtime per model instance; each runs one batch at a time.
         scheduler_config: Queueing and batching settings.
         config: The completed model configuration message (returned by ModelConfig).
+        generator: For text-generation models, the continuous-batching scheduler.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Model:
         instances: Sequence[Runtime],
         scheduler_config: SchedulerConfig,
         config: Any,
+        generator: GenerationScheduler | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -143,6 +146,7 @@ class Model:
         self._outputs = {s.name: s for s in signature.outputs}
         self.validator = SignatureValidator(name, signature)
         self.scheduler = Scheduler(name, self._instances, scheduler_config, self.stats)
+        self.generator = generator
 
     @property
     def providers(self) -> Sequence[str]:
@@ -160,6 +164,8 @@ class Model:
             InvalidInputError: the request does not match the model's signature.
             QueueFullError, DeadlineExceededError: from the scheduler.
         """
+        if self.generator is not None:
+            return await self._complete(request, deadline_s)
         start = time.perf_counter_ns()
         ok = False
         try:
@@ -182,6 +188,23 @@ class Model:
             )
             ok = True
             return response
+        finally:
+            self.stats.record_request(ok, time.perf_counter_ns() - start)
+
+    async def _complete(self, request: InferRequest, deadline_s: float | None) -> InferResponse:
+        """Unary inference on a generation model: the whole completion in one `text_output`."""
+        assert self.generator is not None
+        start = time.perf_counter_ns()
+        ok = False
+        try:
+            self.validator.validate(request)
+            args = generation_args({t.name: t.data for t in request.inputs}, default_stream=False)
+            pieces = [] if args.exclude_input else [args.prompt.decode("utf-8", "replace")]
+            async for chunk in self.generator.generate(args.prompt, args.params, deadline_s):
+                pieces.append(chunk.text)
+            text = np.array(["".join(pieces).encode("utf-8")], dtype=object)
+            ok = True
+            return InferResponse(self.name, str(self.version), request.id, [OutputTensor("text_output", "BYTES", (1,), text)])
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - start)
 

@@ -20,6 +20,11 @@ ONNX_BACKEND = "onnxruntime"
 _TRITON_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended"}
 
 
+def config_type(datatype: str) -> int:
+    """The model-config enum value of a protocol datatype."""
+    return _config_type(datatype)
+
+
 def _config_type(datatype: str) -> int:
     return int(mc.DataType.Value(datatypes.BY_NAME[datatype].config_name))
 

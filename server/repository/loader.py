@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from onnx import external_data_helper
 
 from server.core import datatypes
 from server.core.errors import ModelLoadError
+from server.core.generation import GenerationScheduler
 from server.core.types import TensorSpec
 from server.runtime.base import Runtime
 from server.core.model import Model, ModelSignature
@@ -127,7 +129,11 @@ def _load_version(
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
         scheduling = model_config.scheduler_config(config, HARD_QUEUE_LIMIT)
         warm_up(config, signature, instances, repository.model_dir(name))
-        model = Model(name, version, config.platform, signature, instances, scheduling, config)
+        generation_file = repository.model_dir(name) / GENERATION_FILE
+        generator = None
+        if generation_file.is_file():
+            generator, signature = _generation_setup(config, first, generation_file)
+        model = Model(name, version, config.platform, signature, instances, scheduling, config, generator)
     except BaseException:
         for instance in instances:
             instance.close()
@@ -137,6 +143,47 @@ def _load_version(
         name, version, first.providers[0], len(instances), config.max_batch_size,
     )
     return model
+
+
+GENERATION_FILE = "generation.json"
+TEXT_INPUTS = [
+    ("text_input", "BYTES", False),
+    ("max_tokens", "INT32", True),
+    ("stream", "BOOL", True),
+    ("sampling_parameters", "BYTES", True),
+    ("exclude_input_in_output", "BOOL", True),
+]
+
+
+def _generation_setup(
+    config: mc.ModelConfig, runtime: Runtime, path: Path
+) -> tuple[GenerationScheduler, ModelSignature]:
+    """A decoder with generation.json is served as text in, text out (Triton's convention), decoupled."""
+    try:
+        info = json.loads(path.read_text())
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        scheduler = GenerationScheduler(
+            runtime,
+            info,
+            max_num_seqs=int(params.get("max_num_seqs", "32")),
+            max_queued=int(params.get("max_queued_generations", "256")),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{GENERATION_FILE} is not usable: {exc}") from exc
+    graph_inputs = {t.name for t in runtime.inputs}
+    needed = {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"}
+    if not needed <= graph_inputs:
+        raise ModelLoadError(f"a generation model needs inputs {sorted(needed)}; it has {sorted(graph_inputs)}")
+    del config.input[:]
+    del config.output[:]
+    config.max_batch_size = 0
+    for name, datatype, optional in TEXT_INPUTS:
+        config.input.add(name=name, data_type=model_config.config_type(datatype), dims=[1], optional=optional)
+    config.output.add(name="text_output", data_type=model_config.config_type("BYTES"), dims=[-1])
+    config.model_transaction_policy.decoupled = True
+    config.parameters["max_num_seqs"].string_value = str(scheduler.max_num_seqs)
+    inputs, outputs = model_config.tensor_specs(config)
+    return scheduler, ModelSignature(inputs, outputs, 0)
 
 
 def read_model_bytes(path: Path) -> bytes:

@@ -194,3 +194,14 @@ def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
     except json_format.ParseError as exc:
         raise InvalidInputError(f"the 'config' parameter is not a valid model config: {exc}") from exc
     return config
+
+
+def text_response_to_pb(model: ServedModel, request_id: str, text: str | None, final: bool) -> pb.ModelInferResponse:
+    """One decoupled text-generation response; `text` None makes the empty final response."""
+    message = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request_id)
+    message.parameters["triton_final_response"].bool_param = final
+    if text is not None:
+        data = text.encode("utf-8")
+        message.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+        message.raw_output_contents.append(len(data).to_bytes(4, "little") + data)
+    return message

@@ -15,8 +15,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.pb import text_generation_pb2 as gen_pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+GENERATION_SERVICE = gen_pb.DESCRIPTOR.services_by_name["TextGeneration"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,22 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
 
 def add_inference_service(servicer: object, server: grpc.aio.Server) -> None:
     """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
+    add_service(SERVICE, pb, servicer, server)
+
+
+def add_generation_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Adds ortserve.v1.TextGeneration."""
+    add_service(GENERATION_SERVICE, gen_pb, servicer, server)
+
+
+def add_service(service: Any, module: Any, servicer: object, server: grpc.aio.Server) -> None:
+    """Registers `servicer`'s methods for every RPC of `service` (messages from `module`)."""
     handlers = {}
-    for method in SERVICE.methods:
-        request_class = getattr(pb, method.input_type.name)
+    for method in service.methods:
+        request_class = getattr(module, method.input_type.name)
         behaviour = getattr(servicer, method.name)
         deserializer = _safe_deserializer(request_class)
-        serializer = getattr(pb, method.output_type.name).SerializeToString
+        serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler
         elif method.server_streaming:
@@ -54,5 +66,5 @@ def add_inference_service(servicer: object, server: grpc.aio.Server) -> None:
         else:
             make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(behaviour, request_deserializer=deserializer, response_serializer=serializer)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

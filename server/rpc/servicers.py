@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
 from server.core.errors import PermissionDeniedError, ServerUnavailableError, UnsupportedError
+from server.core.generation import generation_args
 from server.repository.registry import READY, ModelRegistry
 from server.rpc import converters, status
 from server.rpc.pb import grpc_service_pb2 as pb
@@ -126,47 +128,84 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """One response per request, in request order; requests run concurrently.
+        """Responses in request order; requests run concurrently; generation models stream deltas.
 
         Errors travel in `error_message` and the stream stays open, unless the client
         sent the `triton_grpc_error: true` header, which closes the stream with a status.
         """
         grpc_errors = any(k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata() or ())
-        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(maxsize=256)
+        # One queue per request, in arrival order; each holds that request's responses, then None.
+        order: asyncio.Queue[asyncio.Queue[Any] | None] = asyncio.Queue(maxsize=256)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(request: pb.ModelInferRequest, out: asyncio.Queue[Any]) -> None:
+            try:
+                status.check_parsed(request)
+                model = self._registry.get(request.model_name, request.model_version)
+                if getattr(model, "generator", None) is not None:
+                    async for response in self._generation_responses(model, request):
+                        await out.put(pb.ModelStreamInferResponse(infer_response=response))
+                else:
+                    response = await self._infer(request)
+                    response.parameters["triton_final_response"].bool_param = True
+                    await out.put(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
+                code, message = status.status_for(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.error("ModelStreamInfer request failed", exc_info=exc)
+                await out.put((code, message) if grpc_errors else pb.ModelStreamInferResponse(error_message=message))
+            finally:
+                await out.put(None)
 
         async def read_requests() -> None:
             try:
                 async for request in request_iterator:
                     self._check_accepting()
-                    status.check_parsed(request)
-                    await pending.put(asyncio.ensure_future(self._infer(request)))
+                    out: asyncio.Queue[Any] = asyncio.Queue()
+                    task = asyncio.ensure_future(handle(request, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    await order.put(out)
             finally:
-                await pending.put(None)
+                await order.put(None)
 
         reader = asyncio.ensure_future(read_requests())
         try:
-            while (task := await pending.get()) is not None:
-                try:
-                    response = await task
-                except Exception as exc:
-                    code, message = status.status_for(exc)
-                    if code == grpc.StatusCode.INTERNAL:
-                        logger.error("ModelStreamInfer request failed", exc_info=exc)
-                    if grpc_errors:
-                        await context.abort(code, message)
-                    yield pb.ModelStreamInferResponse(error_message=message)
-                    continue
-                response.parameters["triton_final_response"].bool_param = True
-                yield pb.ModelStreamInferResponse(infer_response=response)
+            while (out := await order.get()) is not None:
+                while (item := await out.get()) is not None:
+                    if isinstance(item, tuple):
+                        await context.abort(item[0], item[1])
+                    yield item
             if reader.done() and reader.exception() is not None:
                 code, message = status.status_for(reader.exception())  # type: ignore[arg-type]
                 await context.abort(code, message)
         finally:
             reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _generation_responses(self, model: Any, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+        """Triton's decoupled text-generation responses: `text_output` deltas, `triton_final_response` on each."""
+        infer_request = converters.infer_request_from_pb(request)
+        model.validator.validate(infer_request)
+        args = generation_args({t.name: t.data for t in infer_request.inputs}, default_stream=True)
+        params = converters.params_from_pb(request.parameters)
+        empty_final = bool(params.get("triton_enable_empty_final_response", False))
+        pieces: list[str] = []
+        async for chunk in model.generator.generate(args.prompt, args.params):
+            last = chunk.finish_reason is not None
+            if not args.stream:
+                pieces.append(chunk.text)
+                if not last:
+                    continue
+                text = ("" if args.exclude_input else args.prompt.decode("utf-8", "replace")) + "".join(pieces)
+            else:
+                text = chunk.text
+            if last and empty_final and not text:
+                break
+            yield converters.text_response_to_pb(model, request.id, text, final=last and not empty_final)
+        if empty_final:
+            yield converters.text_response_to_pb(model, request.id, None, final=True)
 
     @status.unary
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:

@@ -91,14 +91,18 @@ def test_left_padded_row_equals_the_row_alone(exported) -> None:
     np.testing.assert_allclose(batch_step[0][1], alone_step[0][0], atol=1e-4)
 
 
-def test_a_served_decoder_loads_as_a_tensor_model(exported) -> None:
+def test_a_decoder_with_generation_json_is_served_as_text_generation(exported) -> None:
     from server.repository.loader import load_model
     from server.repository.repository import ModelRepository
 
     _, _, model_dir = exported
     [model] = load_model(ModelRepository(model_dir.parent), model_dir.name, "cpu", 8)
-    assert model.signature.max_batch_size == 0
-    assert [s.name for s in model.signature.outputs][0] == "logits"
+    assert model.generator is not None
+    assert [s.name for s in model.signature.inputs] == [
+        "text_input", "max_tokens", "stream", "sampling_parameters", "exclude_input_in_output"
+    ]
+    assert [(s.name, s.datatype) for s in model.signature.outputs] == [("text_output", "BYTES")]
+    assert model.config.model_transaction_policy.decoupled
     model.close()
 
 

@@ -76,11 +76,16 @@ async def test_admission_while_others_decode(scheduler) -> None:
     assert output_ids(joined) == alone
 
 
-async def test_stop_string_split_across_tokens() -> None:
-    # The committed example model writes ASCII, so a stop string spans several byte tokens.
+def example_scheduler() -> GenerationScheduler:
+    """The committed example decoder (it writes ASCII, and a step takes milliseconds)."""
     model_dir = Path(__file__).resolve().parents[2] / "model_repository" / "bytes_decoder"
     session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
-    scheduler = GenerationScheduler(session, json.loads((model_dir / "generation.json").read_text()))
+    return GenerationScheduler(session, json.loads((model_dir / "generation.json").read_text()))
+
+
+async def test_stop_string_split_across_tokens() -> None:
+    # The example model writes ASCII, so a stop string spans several byte tokens.
+    scheduler = example_scheduler()
     plain = "".join(c.text for c in await collect(scheduler, b"def ", GREEDY))
     stop = plain[6:9]
     assert len(stop.encode()) == 3
@@ -157,11 +162,11 @@ async def test_queue_full_and_bad_prompts(model_dir: Path) -> None:
         await collect(scheduler, b"x" * 200, params)
 
 
-async def test_deadline_bounds_the_whole_stream(scheduler) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+async def test_deadline_bounds_the_whole_stream() -> None:
+    scheduler = example_scheduler()  # a model large enough that 200 steps take far longer than 20 ms
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     received = 0
     with pytest.raises(DeadlineExceededError):
-        async for chunk in scheduler.generate(b"slow ", params, deadline_s=0.05):
+        async for chunk in scheduler.generate(b"slow ", params, deadline_s=0.02):
             received += len(chunk.token_ids)
-            await asyncio.sleep(0.005)
-    assert received < 90
+    assert received < 200
