@@ -169,9 +169,19 @@ class GenerationScheduler:
         info: Its generation.json (eos_token_id, bos_token_id, context_length, num_layers, ...).
         max_num_seqs: Most streams in the batch at once.
         max_queued: Most streams waiting for a place; more are refused (RESOURCE_EXHAUSTED).
+        max_batch_tokens: Token budget of the batch: a stream is admitted only while the
+            prompts plus the requested output tokens of every active stream fit in it
+            (bounds cache memory); 0 means max_num_seqs * context_length.
     """
 
-    def __init__(self, runtime: Runtime, info: dict[str, Any], max_num_seqs: int = 32, max_queued: int = 256) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        info: dict[str, Any],
+        max_num_seqs: int = 32,
+        max_queued: int = 256,
+        max_batch_tokens: int = 0,
+    ) -> None:
         self.runtime = runtime
         self.eos = int(info["eos_token_id"])
         self.bos = int(info["bos_token_id"])
@@ -181,6 +191,7 @@ class GenerationScheduler:
         self.head_dim = int(info["head_dim"])
         self.max_num_seqs = max_num_seqs
         self.max_queued = max_queued
+        self.max_batch_tokens = max_batch_tokens or max_num_seqs * self.context_length
         self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         self._waiting: list[Stream] = []
         self._active: list[Stream] = []
@@ -239,7 +250,7 @@ class GenerationScheduler:
     async def _run(self) -> None:
         while self._waiting or self._active:
             self._drop_finished()
-            admitted = [s for s in self._waiting if not s.cancelled][: self.max_num_seqs - len(self._active)]
+            admitted = self._admissible()
             self._waiting = [s for s in self._waiting if s not in admitted and not s.cancelled]
             if admitted:
                 await self._prefill(admitted)
@@ -247,6 +258,25 @@ class GenerationScheduler:
             if self._active:
                 await self._decode_step()
             await asyncio.sleep(0)  # let consumers and new requests in between steps
+
+    def _reserved(self, stream: Stream) -> int:
+        return min(len(stream.prompt_ids) + stream.params.max_tokens, self.context_length)
+
+    def _admissible(self) -> list[Stream]:
+        """Waiting streams, oldest first, that fit the sequence limit and the token budget."""
+        used = sum(self._reserved(s) for s in self._active)
+        admitted: list[Stream] = []
+        for stream in self._waiting:
+            if stream.cancelled:
+                continue
+            if len(self._active) + len(admitted) >= self.max_num_seqs:
+                break
+            need = self._reserved(stream)
+            if used + need > self.max_batch_tokens and (self._active or admitted):
+                break  # first come, first served: later streams wait too
+            admitted.append(stream)
+            used += need
+        return admitted
 
     def _feed(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]) -> dict[str, np.ndarray]:
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}

@@ -143,7 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 status.check_parsed(request)
                 model = self._registry.get(request.model_name, request.model_version)
                 if getattr(model, "generator", None) is not None:
-                    async for response in self._generation_responses(model, request):
+                    async for response in self._generation_responses(model, request, context.time_remaining()):
                         await out.put(pb.ModelStreamInferResponse(infer_response=response))
                 else:
                     response = await self._infer(request)
@@ -184,7 +184,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _generation_responses(self, model: Any, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+    async def _generation_responses(
+        self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None = None
+    ) -> AsyncIterator[pb.ModelInferResponse]:
         """Triton's decoupled text-generation responses: `text_output` deltas, `triton_final_response` on each."""
         infer_request = converters.infer_request_from_pb(request)
         model.validator.validate(infer_request)
@@ -192,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         params = converters.params_from_pb(request.parameters)
         empty_final = bool(params.get("triton_enable_empty_final_response", False))
         pieces: list[str] = []
-        async for chunk in model.generator.generate(args.prompt, args.params):
+        async for chunk in model.generator.generate(args.prompt, args.params, deadline_s):
             last = chunk.finish_reason is not None
             if not args.stream:
                 pieces.append(chunk.text)

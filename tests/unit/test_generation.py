@@ -170,3 +170,24 @@ async def test_deadline_bounds_the_whole_stream() -> None:
         async for chunk in scheduler.generate(b"slow ", params, deadline_s=0.02):
             received += len(chunk.token_ids)
     assert received < 200
+
+
+async def test_token_budget_bounds_admission(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    info = json.loads((model_dir / "generation.json").read_text())
+    # Each stream reserves 2 prompt tokens + 20 output tokens = 22: a budget of 50 fits two at a time.
+    scheduler = GenerationScheduler(session, info, max_num_seqs=8, max_batch_tokens=50)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, scheduler.active)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(collect(scheduler, bytes([65 + i]), params) for i in range(5)))
+    watcher.cancel()
+    assert all(r[-1].completion_tokens == 20 for r in results)
+    assert peak == 2
