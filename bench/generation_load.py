@@ -1,0 +1,135 @@
+"""Streaming generation benchmark: our own async gRPC load generator plus the in-process decode limit.
+
+    python bench/generation_load.py [--url 127.0.0.1:8001] [--levels 1 8 32 64] [--max-tokens 64]
+
+Without --url it starts `ortserve serve` on the example repository itself. For each number of concurrent
+streams N, N clients each run 2 streams back to back on ortserve.v1.TextGeneration; it reports time to first
+token, inter-token latency (per token), end-to-end latency (p50/p99) and output tokens/s. Then it runs ONNX
+Runtime alone on batched decode steps of the same model (batch N, past length 64) for the in-process limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.rpc.pb import text_generation_pb2 as gen_pb  # noqa: E402
+from server.rpc.pb import text_generation_pb2_grpc as gen_grpc  # noqa: E402
+
+PROMPTS = ["def ", "import os\n", "class ", "    return ", "if __name__ == ", "for i in range(", "# ", "with open("]
+
+
+async def one_stream(stub: gen_grpc.TextGenerationStub, index: int, max_tokens: int) -> dict[str, object]:
+    request = gen_pb.GenerateRequest(
+        model="bytes_decoder", prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens,
+        temperature=0.8, top_k=40, seed=index, ignore_eos=True,
+    )
+    start = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    async for response in stub.Generate(request, timeout=600):
+        arrivals.append((time.perf_counter(), len(response.token_ids)))
+    end = time.perf_counter()
+    gaps = []
+    for (previous, _), (now, tokens) in zip(arrivals, arrivals[1:]):
+        gaps += [(now - previous) / max(tokens, 1)] * max(tokens, 1)
+    return {"ttft": arrivals[0][0] - start, "gaps": gaps, "e2e": end - start, "tokens": sum(t for _, t in arrivals)}
+
+
+async def level(address: str, streams: int, max_tokens: int) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gen_grpc.TextGenerationStub(channel)
+
+        async def user(i: int) -> list[dict[str, object]]:
+            return [await one_stream(stub, i * 2 + k, max_tokens) for k in range(2)]
+
+        start = time.perf_counter()
+        results = [r for batch in await asyncio.gather(*(user(i) for i in range(streams))) for r in batch]
+        wall = time.perf_counter() - start
+    ttft = np.array([r["ttft"] for r in results]) * 1e3
+    gaps = np.array([g for r in results for g in r["gaps"]]) * 1e3  # type: ignore[attr-defined]
+    e2e = np.array([r["e2e"] for r in results]) * 1e3
+    tokens = sum(int(r["tokens"]) for r in results)  # type: ignore[call-overload]
+    return {
+        "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
+        "itl_p50": float(np.percentile(gaps, 50)), "itl_p99": float(np.percentile(gaps, 99)),
+        "e2e_p50": float(np.percentile(e2e, 50)), "tokens_per_s": tokens / wall,
+    }
+
+
+def inprocess_decode(batch: int, past: int = 64, seconds: float = 2.0) -> tuple[float, float]:
+    """ONNX Runtime alone: one decode step for `batch` rows; returns (ms per step, tokens/s)."""
+    from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
+
+    model_dir = ROOT / "model_repository" / "bytes_decoder"
+    info = json.loads((model_dir / "generation.json").read_text())
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    feed = {
+        "input_ids": np.full((batch, 1), 65, np.int64),
+        "attention_mask": np.ones((batch, past + 1), np.int64),
+        "position_ids": np.full((batch, 1), past, np.int64),
+    }
+    shape = (batch, info["num_heads"], past, info["head_dim"])
+    for i in range(info["num_layers"]):
+        feed[f"past_key_values.{i}.key"] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
+        feed[f"past_key_values.{i}.value"] = np.random.default_rng(i + 100).standard_normal(shape).astype(np.float32)
+    names = ["logits"] + [f"present.{i}.{k}" for i in range(info["num_layers"]) for k in ("key", "value")]
+    for _ in range(5):
+        session.run(feed, names)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(feed, names)
+        steps += 1
+    step_s = (time.perf_counter() - start) / steps
+    return step_s * 1e3, batch / step_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    server = None
+    address = args.url
+    if address is None:
+        port_file = ROOT / "bench" / "out" / "gen_port"
+        port_file.parent.mkdir(exist_ok=True)
+        port_file.unlink(missing_ok=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "1",
+             "--port-file", str(port_file), "--log-level", "warning"], cwd=ROOT,
+        )
+        while not port_file.exists() or not port_file.read_text():
+            time.sleep(0.1)
+        address = f"127.0.0.1:{port_file.read_text()}"
+    try:
+        print("| streams | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | output tokens/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for n in args.levels:
+            r = asyncio.run(level(address, n, args.max_tokens))
+            print(f"| {n} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | {r['itl_p50']:.2f} | {r['itl_p99']:.2f} | "
+                  f"{r['e2e_p50']:.0f} | {r['tokens_per_s']:.0f} |", flush=True)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+    print("\n| batch | decode step ms (ORT alone, past 64) | tokens/s |")
+    print("|---:|---:|---:|")
+    for n in args.levels:
+        step_ms, rate = inprocess_decode(n)
+        print(f"| {n} | {step_ms:.2f} | {rate:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
