@@ -125,3 +125,27 @@ def test_bad_generation_requests_get_clear_statuses(gen_server) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(request, timeout=30))
             assert err.value.code() == code, err.value.details()
+
+
+def test_deadline_and_cancel_mid_stream_through_grpc(gen_server) -> None:
+    import grpc
+
+    from server.rpc.pb import text_generation_pb2 as gen_pb
+    from server.rpc.pb import text_generation_pb2_grpc as gen_grpc
+
+    long = gen_pb.GenerateRequest(model="bytes_decoder", prompt="def ", max_tokens=200, ignore_eos=True, temperature=0)
+    with grpc.insecure_channel(gen_server.address) as channel:
+        stub = gen_grpc.TextGenerationStub(channel)
+        received = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for response in stub.Generate(long, timeout=0.1):
+                received += len(response.token_ids)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert received < 200
+        call = stub.Generate(long, timeout=60)
+        first = [next(call) for _ in range(3)]
+        call.cancel()
+        assert all(r.text or r.token_ids for r in first)
+        # The server goes on serving, and a fresh stream completes.
+        done = list(stub.Generate(gen_pb.GenerateRequest(model="bytes_decoder", prompt="x", max_tokens=5, ignore_eos=True), timeout=60))
+        assert done[-1].finish_reason == "length" and done[-1].completion_tokens == 5
