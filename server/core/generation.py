@@ -158,6 +158,7 @@ class Stream:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     output_ids: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)
+    unsent_text: str = ""
     done: bool = False
     cancelled: bool = False
     steps_after_cancel: int = 0
@@ -174,6 +175,9 @@ class GenerationScheduler:
         max_batch_tokens: Token budget of the batch: a stream is admitted only while the
             prompts plus the requested output tokens of every active stream fit in it
             (bounds cache memory); 0 means max_num_seqs * context_length.
+        stream_interval: Tokens per streamed message. 0 adapts to load: one token per
+            message up to 15 active streams, then one more per 16 streams (each message
+            costs the server a gRPC write; clients see the same text, in fewer pieces).
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class GenerationScheduler:
         max_num_seqs: int = 32,
         max_queued: int = 256,
         max_batch_tokens: int = 0,
+        stream_interval: int = 0,
     ) -> None:
         self.runtime = runtime
         self.eos = int(info["eos_token_id"])
@@ -194,6 +199,7 @@ class GenerationScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens or max_num_seqs * self.context_length
+        self.stream_interval = stream_interval
         self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         self._waiting: list[Stream] = []
         self._active: list[Stream] = []
@@ -387,15 +393,16 @@ class GenerationScheduler:
             finish = "length"
         if finish is not None and not hit:
             text_bytes += stream.stops.flush()
-        text = stream.decoder.decode(text_bytes, final=finish is not None)
+        stream.unsent_text += stream.decoder.decode(text_bytes, final=finish is not None)
         counted = len(stream.output_ids) - (1 if finish == "stop" and token == self.eos else 0)
+        interval = self.stream_interval or 1 + len(self._active) // 16
         if finish is not None:
             stream.done = True
-            ids, stream.unsent_ids = stream.unsent_ids, []
+            ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
             stream.queue.put_nowait(TokenChunk(text, ids, finish, len(stream.prompt_ids) - 1, counted))
-        elif text:
+        elif stream.unsent_text and len(stream.unsent_ids) >= interval:
             # Token ids travel with the text they produced (a UTF-8 character may span tokens).
-            ids, stream.unsent_ids = stream.unsent_ids, []
+            ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
             stream.queue.put_nowait(TokenChunk(text, ids))
 
 

@@ -168,6 +168,7 @@ def _generation_setup(
             max_num_seqs=int(params.get("max_num_seqs", "32")),
             max_queued=int(params.get("max_queued_generations", "256")),
             max_batch_tokens=int(params.get("max_batch_tokens", "0")),
+            stream_interval=int(params.get("stream_interval", "0")),
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{GENERATION_FILE} is not usable: {exc}") from exc

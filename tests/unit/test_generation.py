@@ -191,3 +191,16 @@ async def test_token_budget_bounds_admission(model_dir: Path) -> None:
     watcher.cancel()
     assert all(r[-1].completion_tokens == 20 for r in results)
     assert peak == 2
+
+
+async def test_stream_interval_groups_tokens_per_message(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    info = json.loads((model_dir / "generation.json").read_text())
+    scheduler = GenerationScheduler(session, info, stream_interval=4)
+    one_by_one = GenerationScheduler(session, info, stream_interval=1)
+    params = SamplingParams(temperature=0.0, max_tokens=21, ignore_eos=True)
+    grouped = await collect(scheduler, b"abc", params)
+    single = await collect(one_by_one, b"abc", params)
+    assert output_ids(grouped) == output_ids(single)  # same tokens, fewer messages
+    assert "".join(c.text for c in grouped) == "".join(c.text for c in single)
+    assert all(len(c.token_ids) >= 4 for c in grouped[:-1]) and len(grouped) < len(single)
