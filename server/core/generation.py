@@ -37,6 +37,7 @@ class SamplingParams:
             whatever else shares the batch); None draws a fresh seed.
         stop: Strings that end the stream; the stop string itself is not returned.
         ignore_eos: Keep going past the end-of-sequence token (benchmarks).
+        min_tokens: The end-of-sequence token cannot end the stream before this many tokens.
     """
 
     max_tokens: int = 64
@@ -47,6 +48,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def check(self) -> None:
         """Raises InvalidInputError naming the first bad value."""
@@ -60,6 +62,8 @@ class SamplingParams:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise InvalidInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise InvalidInputError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise InvalidInputError("stop strings must not be empty")
 
@@ -374,7 +378,9 @@ class GenerationScheduler:
         """Samples one token for a stream and sends what is safe to send."""
         params = stream.params
         seen = stream.prompt_ids + stream.output_ids if params.repetition_penalty != 1.0 else ()
-        token = sample_next(logits, params, seen, stream.rng, self.eos + 1)
+        # Before min_tokens, the end-of-sequence token is simply not a choice.
+        allowed = self.eos if len(stream.output_ids) < params.min_tokens else self.eos + 1
+        token = sample_next(logits, params, seen, stream.rng, allowed)
         stream.output_ids.append(token)
         stream.unsent_ids.append(token)
         finish: str | None = None
@@ -411,7 +417,8 @@ class GenerationArgs:
     """A text-generation request in Triton's tensor convention, decoded.
 
     Inputs: `text_input` (BYTES), and optionally `max_tokens` (INT32), `stream` (BOOL),
-    `sampling_parameters` (BYTES, a JSON object), `exclude_input_in_output` (BOOL).
+    `sampling_parameters` (BYTES, a JSON object), `exclude_input_in_output` (BOOL),
+    `min_length` (INT32, TensorRT-LLM's name for min_tokens).
     """
 
     prompt: bytes
@@ -422,7 +429,7 @@ class GenerationArgs:
 
 _JSON_FIELDS = {
     "max_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-    "repetition_penalty": float, "seed": int, "ignore_eos": bool,
+    "repetition_penalty": float, "seed": int, "ignore_eos": bool, "min_tokens": int,
 }
 
 
@@ -465,11 +472,14 @@ def generation_args(inputs: dict[str, np.ndarray], default_stream: bool) -> Gene
                     options[key] = _JSON_FIELDS[key](value)
                 except (TypeError, ValueError) as exc:
                     raise InvalidInputError(f"sampling_parameters.{key} has a bad value {value!r}") from exc
-            elif key not in ("stream", "min_tokens", "exclude_input_in_output"):
+            elif key not in ("stream", "exclude_input_in_output"):
                 raise InvalidInputError(f"unknown sampling parameter '{key}'")
     max_tokens = scalar("max_tokens")
     if max_tokens is not None:
         options["max_tokens"] = int(max_tokens)
+    min_length = scalar("min_length")  # TensorRT-LLM's name, sent by genai-perf for fixed output lengths
+    if min_length is not None:
+        options["min_tokens"] = int(min_length)
     stream = scalar("stream")
     exclude = scalar("exclude_input_in_output")
     params = SamplingParams(**options)

@@ -152,6 +152,7 @@ TEXT_INPUTS = [
     ("stream", "BOOL", True),
     ("sampling_parameters", "BYTES", True),
     ("exclude_input_in_output", "BOOL", True),
+    ("min_length", "INT32", True),
 ]
 
 

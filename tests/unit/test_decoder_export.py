@@ -99,7 +99,7 @@ def test_a_decoder_with_generation_json_is_served_as_text_generation(exported) -
     [model] = load_model(ModelRepository(model_dir.parent), model_dir.name, "cpu", 8)
     assert model.generator is not None
     assert [s.name for s in model.signature.inputs] == [
-        "text_input", "max_tokens", "stream", "sampling_parameters", "exclude_input_in_output"
+        "text_input", "max_tokens", "stream", "sampling_parameters", "exclude_input_in_output", "min_length"
     ]
     assert [(s.name, s.datatype) for s in model.signature.outputs] == [("text_output", "BYTES")]
     assert model.config.model_transaction_policy.decoupled

@@ -204,3 +204,10 @@ async def test_stream_interval_groups_tokens_per_message(model_dir: Path) -> Non
     assert output_ids(grouped) == output_ids(single)  # same tokens, fewer messages
     assert "".join(c.text for c in grouped) == "".join(c.text for c in single)
     assert all(len(c.token_ids) >= 4 for c in grouped[:-1]) and len(grouped) < len(single)
+
+
+def test_min_tokens_keeps_eos_out_until_reached() -> None:
+    logits = np.array([0.0, 1.0, 9.0])  # token 2 plays EOS here, and it is the favourite
+    rng = np.random.default_rng(0)
+    assert sample_next(logits, SamplingParams(temperature=0.0), [], rng, 2) == 1
+    assert sample_next(logits, SamplingParams(temperature=0.0), [], rng, 3) == 2
