@@ -191,6 +191,12 @@ class Model:
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - start)
 
+    def record_generation(self, ok: bool, total_ns: int) -> None:
+        """Counts one finished text-generation request (one inference; its decode steps run batched)."""
+        if ok:
+            self.stats.record_execution(1, 1, 0, total_ns, 0)
+        self.stats.record_request(ok, total_ns)
+
     async def _complete(self, request: InferRequest, deadline_s: float | None) -> InferResponse:
         """Unary inference on a generation model: the whole completion in one `text_output`."""
         assert self.generator is not None
@@ -206,7 +212,7 @@ class Model:
             ok = True
             return InferResponse(self.name, str(self.version), request.id, [OutputTensor("text_output", "BYTES", (1,), text)])
         finally:
-            self.stats.record_request(ok, time.perf_counter_ns() - start)
+            self.record_generation(ok, time.perf_counter_ns() - start)
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
         spec = self._outputs[requested.name]

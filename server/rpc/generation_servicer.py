@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from server.core.errors import InvalidInputError
 from server.core.generation import SamplingParams
+from server.core.model import Model
 from server.repository.registry import ModelRegistry
 from server.rpc import status
 from server.rpc.pb import text_generation_pb2 as gen_pb
@@ -40,15 +42,21 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         status.check_parsed(request)
         model = self._registry.get(request.model, request.model_version)
-        generator = getattr(model, "generator", None)
-        if generator is None:
+        generator = model.generator if isinstance(model, Model) else None
+        if not isinstance(model, Model) or generator is None:
             raise InvalidInputError(f"model '{request.model}' is not a text-generation model")
         params = sampling_params_from_pb(request)
-        async for chunk in generator.generate(request.prompt.encode("utf-8"), params, context.time_remaining()):
-            yield gen_pb.GenerateResponse(
-                text=chunk.text,
-                token_ids=chunk.token_ids,
-                finish_reason=chunk.finish_reason or "",
-                prompt_tokens=chunk.prompt_tokens,
-                completion_tokens=chunk.completion_tokens,
-            )
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            async for chunk in generator.generate(request.prompt.encode("utf-8"), params, context.time_remaining()):
+                yield gen_pb.GenerateResponse(
+                    text=chunk.text,
+                    token_ids=chunk.token_ids,
+                    finish_reason=chunk.finish_reason or "",
+                    prompt_tokens=chunk.prompt_tokens,
+                    completion_tokens=chunk.completion_tokens,
+                )
+            ok = True
+        finally:
+            model.record_generation(ok, time.perf_counter_ns() - started)

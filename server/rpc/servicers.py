@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -188,6 +189,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None = None
     ) -> AsyncIterator[pb.ModelInferResponse]:
         """Triton's decoupled text-generation responses: `text_output` deltas, `triton_final_response` on each."""
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            async for response in self._generation_stream(model, request, deadline_s):
+                yield response
+            ok = True
+        finally:
+            model.record_generation(ok, time.perf_counter_ns() - started)
+
+    async def _generation_stream(
+        self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None
+    ) -> AsyncIterator[pb.ModelInferResponse]:
         infer_request = converters.infer_request_from_pb(request)
         model.validator.validate(infer_request)
         args = generation_args({t.name: t.data for t in infer_request.inputs}, default_stream=True)
