@@ -61,11 +61,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await channel.close()
         self._peer_channels.clear()
 
-    async def _peer_statistics(self, address: str, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse | None:
+    def _peer_stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
+        """A stub for a sibling worker, over one channel kept per worker."""
         channel = self._peer_channels.get(address)
         if channel is None:
             channel = self._peer_channels[address] = grpc.aio.insecure_channel(address)
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        return pb_grpc.GRPCInferenceServiceStub(channel)
+
+    async def _peer_statistics(self, address: str, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse | None:
+        stub = self._peer_stub(address)
         try:
             return await stub.ModelStatistics(request, metadata=((PEER_HEADER, "1"),), timeout=5)
         except grpc.aio.AioRpcError as exc:
@@ -259,11 +263,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _on_peers(self, method: str, request: object) -> None:
         """Repeats a load or unload on the sibling workers so all of them serve the same models."""
         async def call(address: str) -> None:
-            channel = self._peer_channels.get(address)
-            if channel is None:
-                channel = self._peer_channels[address] = grpc.aio.insecure_channel(address)
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await getattr(stub, method)(request, metadata=((PEER_HEADER, "1"),), timeout=600)
+            await getattr(self._peer_stub(address), method)(request, metadata=((PEER_HEADER, "1"),), timeout=600)
 
         await asyncio.gather(*(call(a) for a in self.peers))
 
