@@ -229,6 +229,8 @@ class Model:
     def close(self) -> None:
         """Waits for running work, then releases the instances."""
         self.scheduler.stop_threads()
+        if self.generator is not None:
+            self.generator.close()
         for instance in self._instances:
             instance.close()
 
