@@ -127,6 +127,19 @@ def check_against_torch(module, model: onnx.ModelProto, example_inputs: Sequence
         expected = (expected,)
     session = ort_runtime.OnnxRuntimeSession(model.SerializeToString(), Path("."), ort_runtime.SessionOptions())
     actual = session.run({n: x.numpy() for n, x in zip(spec.input_names, inputs)}, spec.output_names)
+    return compare_outputs(spec, expected, actual)
+
+
+def compare_outputs(spec: ExportSpec, expected: Sequence, actual: Sequence[np.ndarray]) -> float:
+    """Compares PyTorch's outputs (tensors) with ONNX Runtime's, output by output.
+
+    Returns:
+        The largest absolute difference seen.
+
+    Raises:
+        ExportMismatchError: a shape differs (reported apart), or values differ beyond
+            atol + rtol * |torch|.
+    """
     worst = 0.0
     for name, want, got in zip(spec.output_names, expected, actual):
         want_np = want.detach().numpy()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from exporters.export import ExportMismatchError, ExportSpec, build_config, to_onnx, write_model
+from exporters.export import ExportSpec, build_config, compare_outputs, to_onnx, write_model
 from server.runtime import onnx as ort_runtime
 
 BOS_TOKEN_ID = 256
@@ -232,13 +232,7 @@ def check_decoder(model: Decoder, onnx_model: onnx.ModelProto, spec: ExportSpec,
         with torch.no_grad():
             expected = model(*inputs)
         actual = session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)}, spec.output_names)
-        for name, want, got in zip(spec.output_names, expected, actual):
-            if tuple(want.shape) != got.shape:
-                raise ExportMismatchError(f"output '{name}': ONNX Runtime shape {got.shape}, PyTorch {tuple(want.shape)}")
-            diff = float(np.abs(got - want.numpy()).max()) if got.size else 0.0
-            worst = max(worst, diff)
-            if diff > spec.atol + spec.rtol * float(np.abs(want.numpy()).max() if got.size else 0.0):
-                raise ExportMismatchError(f"output '{name}': ONNX Runtime differs from PyTorch by {diff:.3g}")
+        worst = max(worst, compare_outputs(spec, expected, actual))
     return worst
 
 

@@ -156,7 +156,6 @@ class Scheduler:
         self._queued = 0
         self._delay_timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.runs = 0
 
     @property
     def queued(self) -> int:
@@ -342,7 +341,6 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_exception(error or ModelRunError("model run failed"))
         else:
-            self.runs += 1
             out_start = time.perf_counter_ns()
             offset = 0
             for pending in batch:

@@ -214,7 +214,6 @@ class GenerationScheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._thread: InstanceThread | None = None
         self.steps = 0
-        self.decoded_rows = 0
 
     @property
     def active(self) -> int:
@@ -389,7 +388,6 @@ class GenerationScheduler:
         streams = list(self._active)
         logits, *caches = await self._run_model(self._feed(ids, mask, positions, self._caches))
         self.steps += 1
-        self.decoded_rows += len(streams)
         # Streams cancelled while this step ran still got a row in it: count it, drop them next.
         for stream in streams:
             if stream.cancelled:

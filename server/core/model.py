@@ -44,8 +44,8 @@ class SignatureValidator:
     def __init__(self, name: str, signature: ModelSignature) -> None:
         self.name = name
         self.signature = signature
-        self._inputs = {s.name: s for s in signature.inputs}
-        self._outputs = {s.name: s for s in signature.outputs}
+        self.inputs = {s.name: s for s in signature.inputs}
+        self.outputs = {s.name: s for s in signature.outputs}
 
     def validate(self, request: InferRequest) -> int:
         """Checks inputs against the signature and returns the request's batch size (0 if none)."""
@@ -53,11 +53,11 @@ class SignatureValidator:
         batch_sizes: set[int] = set()
         max_batch = self.signature.max_batch_size
         for tensor in request.inputs:
-            spec = self._inputs.get(tensor.name)
+            spec = self.inputs.get(tensor.name)
             if spec is None:
                 raise InvalidInputError(
                     f"unexpected input '{tensor.name}' for model '{self.name}'; "
-                    f"expected: {', '.join(self._inputs) or 'none'}"
+                    f"expected: {', '.join(self.inputs) or 'none'}"
                 )
             if tensor.name in seen:
                 raise InvalidInputError(f"input '{tensor.name}' is given more than once")
@@ -96,11 +96,11 @@ class SignatureValidator:
             return [RequestedOutput(s.name) for s in self.signature.outputs]
         names: set[str] = set()
         for output in requested:
-            spec = self._outputs.get(output.name)
+            spec = self.outputs.get(output.name)
             if spec is None:
                 raise InvalidInputError(
                     f"unknown output '{output.name}' for model '{self.name}'; "
-                    f"outputs: {', '.join(self._outputs)}"
+                    f"outputs: {', '.join(self.outputs)}"
                 )
             if output.name in names:
                 raise InvalidInputError(f"output '{output.name}' is requested more than once")
@@ -143,7 +143,6 @@ class Model:
         self.config = config
         self.stats = ModelStats()
         self._instances = list(instances)
-        self._outputs = {s.name: s for s in signature.outputs}
         self.validator = SignatureValidator(name, signature)
         self.scheduler = Scheduler(name, self._instances, scheduler_config, self.stats)
         self.generator = generator
@@ -215,7 +214,7 @@ class Model:
             self.record_generation(ok, time.perf_counter_ns() - start)
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
-        spec = self._outputs[requested.name]
+        spec = self.validator.outputs[requested.name]
         if requested.classification_count > 0:
             labels = self.signature.labels.get(spec.name, [])
             data = classify(data, requested.classification_count, labels, self.signature.max_batch_size > 0)

@@ -22,10 +22,6 @@ _TRITON_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended"}
 
 def config_type(datatype: str) -> int:
     """The model-config enum value of a protocol datatype."""
-    return _config_type(datatype)
-
-
-def _config_type(datatype: str) -> int:
     return int(mc.DataType.Value(datatypes.BY_NAME[datatype].config_name))
 
 
@@ -75,7 +71,7 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
         if tensor is None:
             raise ModelLoadError(f"config {kind} '{entry.name}' is not in the model; it has {', '.join(by_name)}")
         if entry.data_type == mc.TYPE_INVALID:
-            entry.data_type = _config_type(tensor.datatype)
+            entry.data_type = config_type(tensor.datatype)
         elif _protocol_type(entry.data_type) != tensor.datatype:
             raise ModelLoadError(
                 f"config {kind} '{entry.name}' is {mc.DataType.Name(entry.data_type)} but the model has {tensor.type_name}"
@@ -99,7 +95,7 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
         if tensor.name not in named:
             entry = declared.add()
             entry.name = tensor.name
-            entry.data_type = _config_type(tensor.datatype)
+            entry.data_type = config_type(tensor.datatype)
             entry.dims.extend(_graph_dims(tensor, batching, kind))
 
 

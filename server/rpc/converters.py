@@ -15,6 +15,9 @@ from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import model_config_pb2 as mc
 
 MAX_DIMS = 32
+# InferStatistics fields that ortserve fills, and the per-batch-size ones.
+REQUEST_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+BATCH_DURATIONS = ("compute_input", "compute_infer", "compute_output")
 
 
 def params_from_pb(params: Any) -> dict[str, ParamValue]:
@@ -120,14 +123,14 @@ def model_statistics_to_pb(model: ServedModel, target: pb.ModelStatistics) -> No
     target.inference_count = stats.inference_count
     target.execution_count = stats.execution_count
     inference = target.inference_stats
-    for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+    for field_name in REQUEST_DURATIONS:
         duration = getattr(stats, field_name)
         getattr(inference, field_name).count = duration.count
         getattr(inference, field_name).ns = duration.ns
     for batch_size in sorted(stats.batch_stats):
         per_batch = stats.batch_stats[batch_size]
         entry = target.batch_stats.add(batch_size=batch_size)
-        for field_name in ("compute_input", "compute_infer", "compute_output"):
+        for field_name in BATCH_DURATIONS:
             duration = getattr(per_batch, field_name)
             getattr(entry, field_name).count = duration.count
             getattr(entry, field_name).ns = duration.ns
@@ -157,13 +160,13 @@ def merge_statistics(target: pb.ModelStatisticsResponse, other: pb.ModelStatisti
         mine.last_inference = max(mine.last_inference, stats.last_inference)
         mine.inference_count += stats.inference_count
         mine.execution_count += stats.execution_count
-        for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        for field_name in REQUEST_DURATIONS:
             _add_duration(getattr(mine.inference_stats, field_name), getattr(stats.inference_stats, field_name))
         batches = {b.batch_size: b for b in mine.batch_stats}
         for batch in stats.batch_stats:
             if batch.batch_size not in batches:
                 batches[batch.batch_size] = mine.batch_stats.add(batch_size=batch.batch_size)
-            for field_name in ("compute_input", "compute_infer", "compute_output"):
+            for field_name in BATCH_DURATIONS:
                 _add_duration(getattr(batches[batch.batch_size], field_name), getattr(batch, field_name))
         ordered = sorted(mine.batch_stats, key=lambda b: b.batch_size)
         copies = [pb.InferBatchStatistics() for _ in ordered]

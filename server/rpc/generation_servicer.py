@@ -40,7 +40,6 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
     async def Generate(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        status.check_parsed(request)
         model = self._registry.get(request.model, request.model_version)
         generator = model.generator if isinstance(model, Model) else None
         if not isinstance(model, Model) or generator is None:

@@ -56,6 +56,13 @@ def _log(exc: BaseException, method: str) -> None:
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+async def abort_with(exc: Exception, method: str, context: grpc.aio.ServicerContext) -> None:
+    """Logs an exception as its kind deserves and ends the call with its status code."""
+    _log(exc, method)
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
 def unary(handler: Handler) -> Handler:
     """Wraps a unary handler so that every exception ends as a proper status, never UNKNOWN."""
 
@@ -67,9 +74,7 @@ def unary(handler: Handler) -> Handler:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            _log(exc, handler.__name__)
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            await abort_with(exc, handler.__name__, context)
 
     return wrapper  # type: ignore[return-value]
 
@@ -80,13 +85,12 @@ def streaming(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., Async
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            check_parsed(request)
             async for item in handler(self, request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            _log(exc, handler.__name__)
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            await abort_with(exc, handler.__name__, context)
 
     return wrapper
