@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from server.core.errors import InvalidInputError
-from server.core.generation import SamplingParams
+from server.core.sampling import SamplingParams
 from server.core.model import Model
 from server.repository.registry import ModelRegistry
 from server.rpc import status

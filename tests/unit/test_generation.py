@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ import torch
 
 from exporters.models import decoder as dec
 from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError
-from server.core.generation import GenerationScheduler, SamplingParams, StopMatcher, TokenChunk, sample_next
+from server.core.generation import GenerationScheduler, TokenChunk, plan_prefill
+from server.core.sampling import SamplingParams, StopMatcher, sample_batch, sample_next
+from server.runtime.base import Runtime
 from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
 
 TINY = dec.DecoderConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, context_length=96)
@@ -117,29 +121,89 @@ def test_sampling_options_on_fixed_logits() -> None:
         SamplingParams(temperature=-1).check()
 
 
-async def test_cancelled_streams_stop_costing_steps_within_one_step(scheduler) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    generators = [scheduler.generate(f"s{i} = ".encode(), params) for i in range(8)]
-    counts = [0] * 8
-    for _ in range(10):
-        for i, gen in enumerate(generators):
-            counts[i] += len((await gen.__anext__()).token_ids)
-    for gen in generators[::2]:
-        await gen.aclose()  # the client leaves mid-stream
-    cancelled = [s for s in scheduler._active if s.cancelled]
-    finished = []
-    for gen in generators[1::2]:
-        finished.append([c async for c in gen])
-    for i, chunks in zip(range(1, 8, 2), finished):
+class GatedRuntime(Runtime):
+    """The decoder, run one step per permit the test hands out; records each run's batch size."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.permits = threading.Semaphore(0)
+        self.batch_sizes: list[int] = []
+
+    @property
+    def inputs(self):  # type: ignore[override]
+        return self.inner.inputs
+
+    @property
+    def outputs(self):  # type: ignore[override]
+        return self.inner.outputs
+
+    @property
+    def providers(self):  # type: ignore[override]
+        return self.inner.providers
+
+    def run(self, inputs, output_names):  # type: ignore[override]
+        self.permits.acquire()
+        self.batch_sizes.append(len(inputs["input_ids"]))
+        return self.inner.run(inputs, output_names)
+
+
+async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)
+    scheduler = GenerationScheduler(gated, json.loads((model_dir / "generation.json").read_text()), max_num_seqs=64, stream_interval=1)
+    params = SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True)
+    received: list[list[int]] = [[] for _ in range(64)]
+
+    async def consume(i: int) -> list[TokenChunk]:
+        chunks = []
+        async for chunk in scheduler.generate(f"s{i} = ".encode(), dataclasses.replace(params, seed=i)):
+            received[i] += chunk.token_ids
+            chunks.append(chunk)
+        return chunks
+
+    tasks = [asyncio.create_task(consume(i)) for i in range(64)]
+    while min(len(r) for r in received) < 10:  # hand out steps until every stream is 10 tokens in
+        gated.permits.release()
+        await asyncio.sleep(0.005)
+    # The model thread is now waiting for a permit: the batch holds all 64 streams.
+    streams = list(scheduler._active)
+    assert len(streams) == 64
+    runs_before_cancel = len(gated.batch_sizes)
+    for task in tasks[::2]:
+        task.cancel()  # the client leaves mid-stream
+    await asyncio.gather(*tasks[::2], return_exceptions=True)
+    cancelled = [s for s in streams if s.cancelled]
+    assert len(cancelled) == 32
+    gated.permits.release(1000)
+    survivors = await asyncio.gather(*tasks[1::2])
+    for chunks in survivors:
         # The others finish with exactly their requested token counts.
-        assert counts[i] + len(output_ids(chunks)) == 40
+        assert len(output_ids(chunks)) == 40
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
-    assert cancelled and all(s.steps_after_cancel <= 1 for s in cancelled)
+    # The step in flight when they left is the last one that carried their rows.
+    assert all(s.steps_after_cancel <= 1 for s in cancelled)
+    assert all(size == 32 for size in gated.batch_sizes[runs_before_cancel + 1 :])
     for _ in range(100):
         if scheduler.active == 0:
             break
         await asyncio.sleep(0.01)
     assert scheduler.active == 0  # finished streams leave the batch
+    scheduler.close()
+
+
+def test_batch_sampling_equals_row_by_row_sampling() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((24, 40)) * 3
+    settings = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=r)
+        for t, k, p, r in zip([0.0, 0.7, 1.0, 1.5] * 6, [0, 5, 1, 50, 0, 3] * 4, [1.0, 0.9, 0.5, 1e-6] * 6, [1.0, 1.3, 1.0] * 8)
+    ]
+    seen = [list(rng.integers(0, 40, 6)) for _ in settings]
+    allowed = [40, 39] * 12
+    batch = sample_batch(logits, settings, seen, [np.random.default_rng(i) for i in range(24)], allowed)
+    one_by_one = [sample_next(logits[i], settings[i], seen[i], np.random.default_rng(i), allowed[i]) for i in range(24)]
+    assert batch.tolist() == one_by_one
+    assert all(batch[i] < allowed[i] for i in range(24))
 
 
 async def test_queue_full_and_bad_prompts(model_dir: Path) -> None:
@@ -208,3 +272,21 @@ def test_min_tokens_keeps_eos_out_until_reached() -> None:
     rng = np.random.default_rng(0)
     assert sample_next(logits, SamplingParams(temperature=0.0), [], rng, 2) == 1
     assert sample_next(logits, SamplingParams(temperature=0.0), [], rng, 3) == 2
+
+
+def test_prefill_plan_groups_prompts_of_similar_length() -> None:
+    lengths = [3, 16, 4, 15, 3, 16, 4, 15]
+    groups = plan_prefill(lengths, run_cost_tokens=10)
+    assert sorted(i for g in groups for i in g) == list(range(8))  # every prompt exactly once
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[3, 3, 4, 4], [15, 15, 16, 16]]
+    assert plan_prefill([5, 6, 5], run_cost_tokens=10) == [[0, 2, 1]]  # splitting would not pay
+    assert plan_prefill([], run_cost_tokens=10) == []
+
+
+async def test_prompts_of_mixed_lengths_admitted_together_decode_as_alone() -> None:
+    scheduler = example_scheduler()
+    prompts = [b"a", b"def f(x):", b"# ", b"import collections.abc\n", b"x", b"class Node:\n    def "]
+    alone = [output_ids(await collect(scheduler, p, GREEDY)) for p in prompts]
+    together = await asyncio.gather(*(collect(scheduler, p, GREEDY) for p in prompts))
+    assert [output_ids(c) for c in together] == alone
+    scheduler.close()
