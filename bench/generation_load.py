@@ -4,8 +4,9 @@
 
 Without --url it starts `ortserve serve` on the example repository itself. For each number of concurrent
 streams N, N clients each run 2 streams back to back on ortserve.v1.TextGeneration; it reports time to first
-token, inter-token latency (per token), end-to-end latency (p50/p99) and output tokens/s. Then it runs ONNX
-Runtime alone on batched decode steps of the same model (batch N, past length 64) for the in-process limit.
+token, inter-token latency (per token), end-to-end latency (p50/p99) and output tokens/s. Right before and
+right after each level it runs ONNX Runtime alone on batched decode steps of the same model (batch N, past
+length 64) in this process, and reports their mean as that level's in-process limit.
 """
 
 from __future__ import annotations
@@ -67,31 +68,37 @@ async def level(address: str, streams: int, max_tokens: int) -> dict[str, float]
     }
 
 
-def inprocess_decode(batch: int, past: int = 64, seconds: float = 2.0) -> tuple[float, float]:
-    """ONNX Runtime alone: one decode step for `batch` rows; returns (ms per step, tokens/s)."""
-    from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
+class InProcessDecoder:
+    """ONNX Runtime alone on batched decode steps of the example decoder (past length 64)."""
 
-    model_dir = ROOT / "model_repository" / "bytes_decoder"
-    info = json.loads((model_dir / "generation.json").read_text())
-    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
-    feed = {
-        "input_ids": np.full((batch, 1), 65, np.int64),
-        "attention_mask": np.ones((batch, past + 1), np.int64),
-        "position_ids": np.full((batch, 1), past, np.int64),
-    }
-    shape = (batch, info["num_heads"], past, info["head_dim"])
-    for i in range(info["num_layers"]):
-        feed[f"past_key_values.{i}.key"] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
-        feed[f"past_key_values.{i}.value"] = np.random.default_rng(i + 100).standard_normal(shape).astype(np.float32)
-    names = ["logits"] + [f"present.{i}.{k}" for i in range(info["num_layers"]) for k in ("key", "value")]
-    for _ in range(5):
-        session.run(feed, names)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(feed, names)
-        steps += 1
-    step_s = (time.perf_counter() - start) / steps
-    return step_s * 1e3, batch / step_s
+    def __init__(self) -> None:
+        from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
+
+        model_dir = ROOT / "model_repository" / "bytes_decoder"
+        self.info = json.loads((model_dir / "generation.json").read_text())
+        self.session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+        layers = self.info["num_layers"]
+        self.names = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+
+    def step(self, batch: int, past: int = 64, seconds: float = 2.0) -> tuple[float, float]:
+        """Returns (ms per decode step, tokens/s) for `batch` rows."""
+        feed = {
+            "input_ids": np.full((batch, 1), 65, np.int64),
+            "attention_mask": np.ones((batch, past + 1), np.int64),
+            "position_ids": np.full((batch, 1), past, np.int64),
+        }
+        shape = (batch, self.info["num_heads"], past, self.info["head_dim"])
+        for i in range(self.info["num_layers"]):
+            feed[f"past_key_values.{i}.key"] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
+            feed[f"past_key_values.{i}.value"] = np.random.default_rng(i + 100).standard_normal(shape).astype(np.float32)
+        for _ in range(5):
+            self.session.run(feed, self.names)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.session.run(feed, self.names)
+            steps += 1
+        step_s = (time.perf_counter() - start) / steps
+        return step_s * 1e3, batch / step_s
 
 
 def main() -> None:
@@ -113,22 +120,38 @@ def main() -> None:
         while not port_file.exists() or not port_file.read_text():
             time.sleep(0.1)
         address = f"127.0.0.1:{port_file.read_text()}"
+    # The machine's speed drifts over minutes, so the in-process limit for each level is
+    # measured right before and right after that level's load and averaged.
+    decoder = InProcessDecoder()
+    rows = []
     try:
-        print("| streams | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | output tokens/s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
         for n in args.levels:
+            before = decoder.step(n)
             r = asyncio.run(level(address, n, args.max_tokens))
-            print(f"| {n} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | {r['itl_p50']:.2f} | {r['itl_p99']:.2f} | "
-                  f"{r['e2e_p50']:.0f} | {r['tokens_per_s']:.0f} |", flush=True)
+            after = decoder.step(n)
+            r["step_ms"] = (before[0] + after[0]) / 2
+            r["limit"] = (before[1] + after[1]) / 2
+            rows.append((n, r))
+            print(f"measured {n} streams: {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.terminate()
             server.wait()
-    print("\n| batch | decode step ms (ORT alone, past 64) | tokens/s |")
-    print("|---:|---:|---:|")
-    for n in args.levels:
-        step_ms, rate = inprocess_decode(n)
-        print(f"| {n} | {step_ms:.2f} | {rate:.0f} |", flush=True)
+    print("| streams | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | output tokens/s "
+          "| in-process step ms (batch = streams, past 64) | in-process tokens/s | share of in-process |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r in rows:
+        print(f"| {n} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | {r['itl_p50']:.2f} | {r['itl_p99']:.2f} | "
+              f"{r['e2e_p50']:.0f} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | {r['limit']:.0f} | "
+              f"{r['tokens_per_s'] / r['limit']:.0%} |")
+    by_level = dict(rows)
+    if 1 in by_level:
+        one = by_level[1]
+        print(f"\nsingle stream: ITL p50 {one['itl_p50']:.2f} ms vs in-process step {one['step_ms']:.2f} ms "
+              f"({one['itl_p50'] / one['step_ms'] - 1:+.0%})")
+        if 32 in by_level:
+            print(f"32 streams: {by_level[32]['tokens_per_s'] / one['tokens_per_s']:.1f}x the single-stream rate, "
+                  f"{by_level[32]['tokens_per_s'] / by_level[32]['limit']:.0%} of the in-process batch-32 limit")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs ortserve into it. Safe to run again.
 #   scripts/setup.sh            everything: the server, the exporters (CPU torch) and the test tools
+#                               (including NVIDIA's perf_analyzer and genai-perf under bench/tools/)
 #   scripts/setup.sh --runtime  the server and its clients only (what serving needs; used by the Dockerfile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,6 @@ else
     # the exporters only need the CPU. TORCH_SPEC overrides it.
     $PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"
     $PIP install --quiet -e ".[export,dev]"
+    # The test suite runs a short genai-perf profile against the server.
+    bash bench/setup_genai_perf.sh
 fi

@@ -272,43 +272,72 @@ class GenerationScheduler:
         self._sample([s for piece in pieces for s in piece[0]], np.concatenate(last_logits), outbox)
 
     def _merge(self, pieces: list[tuple[list[Stream], list[np.ndarray], np.ndarray, np.ndarray]]) -> None:
-        """Adds prefilled rows to the batch in one copy, padding shorter rows on the left."""
+        """Adds prefilled rows to the batch in one copy, padding shorter rows on the left.
+
+        New rows go before the rows already there: streams then tend to sit in the order
+        they will finish (last admitted, last done), so a finishing stream is usually at
+        the end, where _drop_finished removes it without moving any other row.
+        """
         if self._active:
-            pieces = [(self._active, self._caches, self._mask, self._positions), *pieces]
+            pieces = [*pieces, (self._active, self._caches, self._mask, self._positions)]
         if len(pieces) == 1:
             self._active, self._caches, self._mask, self._positions = list(pieces[0][0]), pieces[0][1], pieces[0][2], pieces[0][3]
             return
+        rows = sum(len(members) for members, _, _, _ in pieces)
         total = max(mask.shape[1] for _, _, mask, _ in pieces)
-
-        def pad(array: np.ndarray, axis: int) -> np.ndarray:
-            missing = total - array.shape[axis]
-            if missing == 0:
-                return array
-            widths = [(0, 0)] * array.ndim
-            widths[axis] = (missing, 0)
-            return np.pad(array, widths)
-
-        self._caches = [np.concatenate([pad(caches[k], 2) for _, caches, _, _ in pieces]) for k in range(2 * self.layers)]
-        self._mask = np.concatenate([pad(mask, 1) for _, _, mask, _ in pieces])
+        merged_caches = []
+        for k in range(2 * self.layers):
+            out = np.empty((rows, self.heads, total, self.head_dim), np.float32)
+            row = 0
+            for members, caches, _, _ in pieces:
+                length = caches[k].shape[2]
+                out[row : row + len(members), :, : total - length] = 0
+                out[row : row + len(members), :, total - length :] = caches[k]
+                row += len(members)
+            merged_caches.append(out)
+        mask = np.zeros((rows, total), np.int64)
+        row = 0
+        for members, _, piece_mask, _ in pieces:
+            mask[row : row + len(members), total - piece_mask.shape[1] :] = piece_mask
+            row += len(members)
+        self._caches, self._mask = merged_caches, mask
         self._positions = np.concatenate([positions for _, _, _, positions in pieces])
         self._active = [s for members, _, _, _ in pieces for s in members]
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._active) if not (s.done or s.cancelled)]
-        if len(keep) == len(self._active):
+        """Takes finished and cancelled rows out of the batch before the next step.
+
+        Copying every cache to close the gaps would cost about as much as a decode step,
+        so the last live rows move into the gaps instead, and every array is then cut
+        to its first rows: a view that is still contiguous, which ONNX Runtime takes as is.
+        """
+        gone = [s.done or s.cancelled for s in self._active]
+        if not any(gone):
             return
-        self._active = [self._active[i] for i in keep]
-        if not self._active:
-            self._caches, self._mask, self._positions = [], np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+        live = len(gone) - sum(gone)
+        if live == 0:
+            self._active, self._caches = [], []
+            self._mask, self._positions = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
             return
-        self._caches = [c[keep] for c in self._caches]
-        self._mask = self._mask[keep]
-        self._positions = self._positions[keep]
-        # Columns no remaining row attends to are dead weight: trim them from the left.
+        holes = [i for i in range(live) if gone[i]]
+        movers = [i for i in range(live, len(gone)) if not gone[i]]
+        if holes:
+            for cache in self._caches:
+                cache[holes] = cache[movers]
+            self._mask[holes] = self._mask[movers]
+            self._positions[holes] = self._positions[movers]
+            for hole, mover in zip(holes, movers):
+                self._active[hole] = self._active[mover]
+        self._active = self._active[:live]
+        self._caches = [c[:live] for c in self._caches]
+        self._mask = self._mask[:live]
+        self._positions = self._positions[:live]
+        # Columns no remaining row attends to are dead weight, but trimming them copies every
+        # cache once (a column view is not contiguous): do it when they are an eighth or more.
         used = np.flatnonzero(self._mask.any(axis=0))
         start = int(used[0]) if used.size else self._mask.shape[1]
-        if start:
-            self._caches = [c[:, :, start:] for c in self._caches]
+        if start * 8 >= self._mask.shape[1]:
+            self._caches = [np.ascontiguousarray(c[:, :, start:]) for c in self._caches]
             self._mask = self._mask[:, start:]
 
     def _decode_step(self, outbox: list[tuple[Stream, Delivery]]) -> None:
