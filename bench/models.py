@@ -2,8 +2,9 @@
 
 - mlp: FP32 [B, 256] -> 1024 -> 1024 -> 10
 - cnn: FP32 [B, 3, 32, 32] -> conv 16 -> pool -> conv 32 -> pool -> 10
-Each is written twice: `<name>` with dynamic batching, `<name>_nobatch` without
-(same graph, same max_batch_size, one request per run).
+Each is written three times (same graph, same max_batch_size): `<name>` with dynamic batching,
+`<name>_delay` with dynamic batching and a 2 ms max_queue_delay_microseconds, `<name>_nobatch`
+without batching (one request per run).
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def build(out: Path) -> None:
     for name, (cls, shape) in MODELS.items():
         module = cls().eval()
         example = (torch.zeros(2, *shape),)
-        for suffix, extra in (("", "dynamic_batching { }"), ("_nobatch", "")):
+        variants = (
+            ("", "dynamic_batching { }"),
+            ("_delay", "dynamic_batching { max_queue_delay_microseconds: 2000 }"),
+            ("_nobatch", ""),
+        )
+        for suffix, extra in variants:
             spec = ExportSpec(["INPUT"], ["OUTPUT"], max_batch_size=MAX_BATCH_SIZE, atol=1e-4, extra_config=extra)
             export_torch(module, example, spec, out, name + suffix)
 

@@ -3,8 +3,8 @@
 Runs, in one go on this machine (client and server sharing it):
 1. ONNX Runtime alone (the in-process limit) on the MLP and the CNN;
 2. a bare grpc.aio echo server (the transport limit), 1 and 2 processes, asyncio and uvloop;
-3. ortserve with batching off (`<model>_nobatch`) and on (`<model>`), 1 and 2 workers,
-   at concurrency 1, 4, 16 and 64, driven by perf_analyzer over gRPC.
+3. ortserve with batching off (`<model>_nobatch`), on (`<model>`) and on with a 2 ms queue delay
+   (`<model>_delay`), 1 and 2 workers, at concurrency 1, 4, 16 and 64, driven by perf_analyzer over gRPC.
 Prints markdown tables (paste into docs/benchmarks.md) and writes bench/out/batching.md.
 Needs bench/setup_perf_analyzer.sh to have run.
 """
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     repo = OUT / "repo"
-    if not (repo / "mlp").exists():
+    if not all((repo / f"{m}{v}").exists() for m in ("mlp", "cnn") for v in ("", "_delay", "_nobatch")):
         subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
     interval = 2000 if args.quick else 4000
     levels = [1, 64] if args.quick else [1, 4, 16, 64]
@@ -139,7 +139,7 @@ def main() -> None:
     for workers in (1, 2):
         process, port = start_ortserve(repo, workers)
         try:
-            for model in ("mlp", "mlp_nobatch", "cnn", "cnn_nobatch"):
+            for model in ("mlp", "mlp_delay", "mlp_nobatch", "cnn", "cnn_delay", "cnn_nobatch"):
                 for concurrency in levels:
                     results[(model, workers, concurrency)] = perf_analyzer(model, port, concurrency, interval)
         finally:
@@ -148,7 +148,7 @@ def main() -> None:
         emit(f"\n### ortserve, {base} (perf_analyzer, gRPC, batch 1 per request)\n")
         emit("| batching | workers | " + " | ".join(f"c={c} infer/s | c={c} p50 ms" for c in levels) + " |")
         emit("|---|---:|" + "---:|---:|" * len(levels))
-        for model, label in ((f"{base}_nobatch", "off"), (base, "on")):
+        for model, label in ((f"{base}_nobatch", "off"), (base, "on"), (f"{base}_delay", "on, 2 ms delay")):
             for workers in (1, 2):
                 cells = []
                 for c in levels:
@@ -156,11 +156,15 @@ def main() -> None:
                     cells.append(f"{r['rate']:,.0f} | {r['p50_ms']:.2f}")
                 emit(f"| {label} | {workers} | " + " | ".join(cells) + " |")
     best = max(results[("mlp", w, 64)]["rate"] for w in (1, 2))
+    delayed = max(results[("mlp_delay", w, 64)]["rate"] for w in (1, 2))
     off = max(results[("mlp_nobatch", w, 64)]["rate"] for w in (1, 2))
     emit("\n### Ratios (MLP, concurrency 64, same run)\n")
     emit(f"- ortserve batching on (best workers setting) / best echo configuration: {best / best_echo:.2f}")
-    emit(f"- ortserve batching on / batching off: {best / off:.2f}")
-    emit(f"- ortserve c=1 p50 (1 worker, batching on): {results[('mlp', 1, 1)]['p50_ms']:.2f} ms")
+    emit(f"- the same with a 2 ms queue delay / best echo configuration: {delayed / best_echo:.2f}")
+    emit(f"- ortserve batching on / batching off: {best / off:.2f} (with the 2 ms delay: {delayed / off:.2f})")
+    for workers in (1, 2):
+        emit(f"- ortserve c=1 p50 ({workers} worker{'s' if workers > 1 else ''}, batching on): "
+             f"{results[('mlp', workers, 1)]['p50_ms']:.2f} ms")
     (OUT / "batching.md").write_text("\n".join(lines) + "\n")
 
 

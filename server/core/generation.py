@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import logging
 import secrets
 import threading
 import time
@@ -34,6 +35,8 @@ from server.core.errors import (
 )
 from server.core.sampling import SamplingParams, StopMatcher, sample_batch
 from server.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,31 +193,35 @@ class GenerationScheduler:
     # --- the model thread -------------------------------------------------------------
 
     def _serve(self) -> None:
+        leftovers: list[Stream] = []
         while True:
-            self._drop_finished()
-            with self._wakeup:
-                while not (self._closing or self._waiting or self._active):
-                    self._wakeup.wait()
-                if self._closing:
-                    leftovers = [*self._waiting, *self._active]
-                    self._waiting.clear()
-                    break
-                admitted = self._admissible()
             outbox: list[tuple[Stream, Delivery]] = []
+            admitted: list[Stream] = []
             try:
+                self._drop_finished()  # first: finished rows must not hold places or keep the thread awake
+                with self._wakeup:
+                    while not (self._closing or self._waiting or self._active):
+                        self._wakeup.wait()
+                    if self._closing:
+                        leftovers = [*self._waiting, *self._active]
+                        self._waiting.clear()
+                        break
+                    admitted = self._admissible()
                 if admitted:
                     self._prefill(admitted, outbox)
                     self._drop_finished()
                 if self._active:
                     self._decode_step(outbox)
             except Exception as exc:  # a failed step fails every stream in it; the thread goes on
+                if not isinstance(exc, ServerError):
+                    logger.exception("generation step failed")
                 error = exc if isinstance(exc, ServerError) else ServerError(f"generation step failed: {exc}")
                 for stream in dict.fromkeys([*self._active, *admitted]):
                     if not stream.done:
                         stream.done = True
                         outbox.append((stream, error))
-                self._active = []
-                self._drop_finished()
+                self._active, self._caches = [], []
+                self._mask, self._positions = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
             _send(outbox)
         unloaded = ModelNotReadyError("the model was unloaded during generation")
         _send([(s, unloaded) for s in leftovers if not s.done])

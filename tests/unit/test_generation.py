@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from exporters.models import decoder as dec
-from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError
+from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError, ServerError
 from server.core.generation import GenerationScheduler, TokenChunk, plan_prefill
 from server.core.sampling import SamplingParams, StopMatcher, sample_batch, sample_next
 from server.runtime.base import Runtime
@@ -295,4 +295,30 @@ async def test_prompts_of_mixed_lengths_admitted_together_decode_as_alone() -> N
     alone = [output_ids(await collect(scheduler, p, GREEDY)) for p in prompts]
     together = await asyncio.gather(*(collect(scheduler, p, GREEDY) for p in prompts))
     assert [output_ids(c) for c in together] == alone
+    scheduler.close()
+
+
+class FailingRuntime(GatedRuntime):
+    """The decoder, except that chosen runs raise (a model that fails mid-stream)."""
+
+    def __init__(self, inner: Runtime, failing_runs: set[int]) -> None:
+        super().__init__(inner)
+        self.permits.release(1_000_000)
+        self.failing_runs = failing_runs
+
+    def run(self, inputs, output_names):  # type: ignore[override]
+        if len(self.batch_sizes) in self.failing_runs:
+            self.batch_sizes.append(len(inputs["input_ids"]))
+            raise RuntimeError("simulated kernel failure")
+        return super().run(inputs, output_names)
+
+
+async def test_a_failed_step_fails_its_streams_and_the_model_goes_on(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    failing = FailingRuntime(session, failing_runs={5})
+    scheduler = GenerationScheduler(failing, json.loads((model_dir / "generation.json").read_text()))
+    results = await asyncio.gather(*(collect(scheduler, p, GREEDY) for p in (b"a", b"b")), return_exceptions=True)
+    assert all(isinstance(r, ServerError) and "simulated kernel failure" in str(r) for r in results)
+    after = await collect(scheduler, b"a", GREEDY)  # the model thread survived the failure
+    assert after[-1].finish_reason == "length" and after[-1].completion_tokens == 24
     scheduler.close()
