@@ -14,7 +14,8 @@ from tests.conftest import ROOT, ServerProcess
 
 
 def read_metrics(csv_path: Path) -> dict[str, dict[str, str]]:
-    """genai-perf's CSV: a table of per-request metrics, a blank line, then a table of totals."""
+    """genai-perf's CSV: a table of per-request metrics, a blank line, then a table of totals
+    (numbers over 999 carry thousands separators)."""
     metrics: dict[str, dict[str, str]] = {}
     header: list[str] = []
     for row in csv.reader(csv_path.read_text().splitlines()):
@@ -23,7 +24,7 @@ def read_metrics(csv_path: Path) -> dict[str, dict[str, str]]:
         elif not header:
             header = row
         else:
-            metrics[row[0]] = dict(zip(header[1:], row[1:]))
+            metrics[row[0]] = dict(zip(header[1:], (value.replace(",", "") for value in row[1:])))  # "1,056.91"
     return metrics
 
 
