@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from server import workers
 from server.repository.registry import READY, ModelRegistry
@@ -19,7 +19,7 @@ from server.repository.repository import ModelRepository
 from server.rpc.pb import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.generation_servicer import TextGenerationServicer
-from server.rpc.registration import GENERATION_SERVICE, add_generation_service, add_inference_service
+from server.rpc.registration import GENERATION_SERVICE, GenericOnly, add_generation_service, add_inference_service
 from server.rpc.servicers import InferenceServicer, ServerState
 from server.settings import Settings
 
@@ -83,9 +83,11 @@ class OrtServer:
         server = grpc.aio.server(options=options)
         add_inference_service(self.servicer, server)
         add_generation_service(TextGenerationServicer(self.registry), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, GenericOnly(server))
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(services, server, pool=_reflection_pool())
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), GenericOnly(server)
+        )
         try:
             self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         except RuntimeError:
