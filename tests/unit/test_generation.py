@@ -273,6 +273,24 @@ async def test_stream_interval_groups_tokens_per_message(model_dir: Path) -> Non
     assert all(len(c.token_ids) >= 4 for c in grouped[:-1]) and len(grouped) < len(single)
 
 
+class LargestDraw:
+    """A generator whose every draw is the largest double below 1."""
+
+    def random(self) -> float:
+        return 1.0 - 2.0**-53
+
+
+def test_the_largest_draw_still_lands_on_a_kept_token() -> None:
+    logits = np.array([1.0, 3.0, 2.9, -1.0, 0.5])
+    # Probabilities at temperature 1: 0.06, 0.47, 0.42, 0.01, 0.04 (ids 0-4).
+    cases = [(SamplingParams(top_k=2), {1, 2}), (SamplingParams(top_p=0.5), {1, 2}),
+             (SamplingParams(top_k=3, temperature=0.3), {0, 1, 2})]
+    for params, kept in cases:
+        assert sample_next(logits, params, [], LargestDraw(), 5) in kept  # type: ignore[arg-type]
+    # Banned ids (here EOS = 4 before min_tokens) are never reached either.
+    assert sample_next(logits, SamplingParams(temperature=2.0), [], LargestDraw(), 4) < 4  # type: ignore[arg-type]
+
+
 def test_min_tokens_keeps_eos_out_until_reached() -> None:
     logits = np.array([0.0, 1.0, 9.0])  # token 2 plays EOS here, and it is the favourite
     rng = np.random.default_rng(0)
