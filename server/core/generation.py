@@ -208,8 +208,7 @@ class GenerationScheduler:
                         break
                     admitted = self._admissible()
                 if admitted:
-                    self._prefill(admitted, outbox)
-                    self._drop_finished()
+                    self._prefill(admitted, outbox)  # rows done at their first token leave in _decode_step
                 if self._active:
                     self._decode_step(outbox)
             except Exception as exc:  # a failed step fails every stream in it; the thread goes on
