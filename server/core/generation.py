@@ -383,7 +383,7 @@ class GenerationScheduler:
             [self.eos if len(s.output_ids) < s.params.min_tokens else self.eos + 1 for s in live],
         )
         interval = self.stream_interval or 1 + len(self._active) // 16
-        for stream, token in zip(live, tokens.tolist()):
+        for stream, token in zip(live, tokens):
             chunk = self._accept(stream, token, interval)
             if chunk is not None:
                 outbox.append((stream, chunk))

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 from server.core.errors import InvalidInputError
+
+_sampling: ModuleType | None
+try:  # compiled by setup.py when a C compiler is there; numpy otherwise (same tokens)
+    from server.core import _sampling
+except ImportError:  # pragma: no cover - depends on how the package was built
+    _sampling = None
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,36 @@ def sample_batch(
     seen: Sequence[Sequence[int]],
     rngs: Sequence[np.random.Generator],
     allowed: Sequence[int],
-) -> np.ndarray:
+) -> list[int]:
     """Chooses the next token of every row in one pass.
+
+    Runs the compiled draw (server/core/_sampling.c) when it was built, else the numpy
+    one (sample_batch_numpy); both choose the same tokens. Arguments as in sample_batch_numpy.
+    """
+    if _sampling is None:
+        return sample_batch_numpy(logits, params, seen, rngs, allowed)
+    # One uniform number per sampled row, drawn exactly where the numpy path draws it.
+    uniforms = [rng.random() if p.temperature != 0 and p.top_k != 1 else 0.0 for p, rng in zip(params, rngs)]
+    return _sampling.sample_rows(
+        np.ascontiguousarray(logits, dtype=np.float32),
+        allowed,
+        [p.temperature for p in params],
+        [p.top_k for p in params],
+        [p.top_p for p in params],
+        [p.repetition_penalty for p in params],
+        seen,
+        uniforms,
+    )
+
+
+def sample_batch_numpy(
+    logits: np.ndarray,
+    params: Sequence[SamplingParams],
+    seen: Sequence[Sequence[int]],
+    rngs: Sequence[np.random.Generator],
+    allowed: Sequence[int],
+) -> list[int]:
+    """Chooses the next token of every row in one vectorised numpy pass.
 
     Args:
         logits: Scores, one row per stream, [batch, vocabulary].
@@ -78,7 +113,7 @@ def sample_batch(
             before min_tokens).
 
     Returns:
-        The chosen ids, int64 [batch].
+        The chosen id of every row.
     """
     width = max(allowed)
     scores = np.array(logits[:, :width], dtype=np.float64)
@@ -98,7 +133,7 @@ def sample_batch(
     every_row = len(rows) == len(params)
     chosen = np.zeros(len(params), np.int64) if every_row else np.argmax(scores, axis=1)
     if not rows:
-        return chosen
+        return chosen.tolist()  # type: ignore[no-any-return]
     sampled = scores if every_row else scores[rows]
     temperatures = [params[i].temperature for i in rows]
     if min(temperatures) == max(temperatures):
@@ -132,16 +167,16 @@ def sample_batch(
     targets = np.array([rngs[i].random() for i in rows]) * cumulative[:, -1]
     picks = np.minimum((cumulative <= targets[:, None]).sum(axis=1), width - 1)
     if every_row:
-        return picks
+        return picks.tolist()  # type: ignore[no-any-return]
     chosen[rows] = picks
-    return chosen
+    return chosen.tolist()  # type: ignore[no-any-return]
 
 
 def sample_next(
     logits: np.ndarray, params: SamplingParams, seen: Sequence[int], rng: np.random.Generator, allowed: int
 ) -> int:
     """Chooses the next token from one row of logits (sample_batch for a batch of one)."""
-    return int(sample_batch(logits[None, :], [params], [seen], [rng], [allowed])[0])
+    return sample_batch(logits[None, :], [params], [seen], [rng], [allowed])[0]
 
 
 class StopMatcher:

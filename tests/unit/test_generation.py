@@ -208,7 +208,7 @@ def test_batch_sampling_equals_row_by_row_sampling() -> None:
     allowed = [40, 39] * 12
     batch = sample_batch(logits, settings, seen, [np.random.default_rng(i) for i in range(24)], allowed)
     one_by_one = [sample_next(logits[i], settings[i], seen[i], np.random.default_rng(i), allowed[i]) for i in range(24)]
-    assert batch.tolist() == one_by_one
+    assert batch == one_by_one
     assert all(batch[i] < allowed[i] for i in range(24))
 
 
