@@ -33,7 +33,7 @@ from server.core.errors import (
     QueueFullError,
     ServerError,
 )
-from server.core.sampling import SamplingParams, StopMatcher, sample_batch
+from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class GenerationScheduler:
         self.max_batch_tokens = max_batch_tokens or max_num_seqs * self.context_length
         self.stream_interval = stream_interval
         self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         # Shared between the event loop and the model thread, under _wakeup's lock.
         self._wakeup = threading.Condition()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -124,6 +125,7 @@ class GenerationScheduler:
         self._caches: list[np.ndarray] = []
         self._mask = np.zeros((0, 0), np.int64)
         self._positions = np.zeros(0, np.int64)
+        self._columns: SamplingColumns | None = None  # of _active; rebuilt when rows come or go
         self.steps = 0
 
     @property
@@ -219,7 +221,7 @@ class GenerationScheduler:
                     if not stream.done:
                         stream.done = True
                         outbox.append((stream, error))
-                self._active, self._caches = [], []
+                self._active, self._caches, self._columns = [], [], None
                 self._mask, self._positions = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
             _send(outbox)
         unloaded = ModelNotReadyError("the model was unloaded during generation")
@@ -252,9 +254,7 @@ class GenerationScheduler:
 
     def _feed(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]) -> dict[str, np.ndarray]:
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"] = caches[2 * i]
-            feed[f"past_key_values.{i}.value"] = caches[2 * i + 1]
+        feed.update(zip(self.past_names, caches))
         return feed
 
     def _prefill(self, streams: list[Stream], outbox: list[tuple[Stream, Delivery]]) -> None:
@@ -284,6 +284,7 @@ class GenerationScheduler:
         they will finish (last admitted, last done), so a finishing stream is usually at
         the end, where _drop_finished removes it without moving any other row.
         """
+        self._columns = None
         if self._active:
             pieces = [*pieces, (self._active, self._caches, self._mask, self._positions)]
         if len(pieces) == 1:
@@ -320,6 +321,7 @@ class GenerationScheduler:
         gone = [s.done or s.cancelled for s in self._active]
         if not any(gone):
             return
+        self._columns = None
         live = len(gone) - sum(gone)
         if live == 0:
             self._active, self._caches = [], []
@@ -366,19 +368,34 @@ class GenerationScheduler:
             if stream.cancelled:
                 stream.steps_after_cancel += 1
         self._caches, self._mask, self._positions = caches, mask, self._positions + 1
-        self._sample(streams, logits[:, -1], outbox)
+        if self._columns is None:
+            self._columns = SamplingColumns.of([s.params for s in streams])
+        self._sample(streams, logits[:, -1], outbox, self._columns)
 
-    def _sample(self, streams: list[Stream], logits: np.ndarray, outbox: list[tuple[Stream, Delivery]]) -> None:
-        """Chooses every live row's next token in one pass, then updates each stream."""
-        rows = [i for i, s in enumerate(streams) if not (s.done or s.cancelled)]
-        if not rows:
-            return
-        live = [streams[i] for i in rows]
-        tokens = sample_batch(
-            logits[rows],
-            [s.params for s in live],
-            [s.prompt_ids + s.output_ids if s.params.repetition_penalty != 1.0 else () for s in live],
-            [s.rng for s in live],
+    def _sample(
+        self, streams: list[Stream], logits: np.ndarray, outbox: list[tuple[Stream, Delivery]],
+        columns: SamplingColumns | None = None,
+    ) -> None:
+        """Chooses every live row's next token in one pass, then updates each stream.
+
+        Args:
+            columns: The rows' sampling settings when every stream is still live (the
+                batch's cached ones); built here otherwise.
+        """
+        live = [s for s in streams if not (s.done or s.cancelled)]
+        if len(live) < len(streams):
+            if not live:
+                return
+            logits = logits[[i for i, s in enumerate(streams) if not (s.done or s.cancelled)]]
+            columns = None
+        if columns is None:
+            columns = SamplingColumns.of([s.params for s in live])
+        tokens = draw(
+            logits,
+            columns,
+            [s.prompt_ids + s.output_ids if s.params.repetition_penalty != 1.0 else () for s in live]
+            if columns.any_penalty else ((),) * len(live),
+            [s.rng.random() if sampled else 0.0 for s, sampled in zip(live, columns.sampled)],
             # Before min_tokens, the end-of-sequence token is simply not a choice.
             [self.eos if len(s.output_ids) < s.params.min_tokens else self.eos + 1 for s in live],
         )

@@ -67,61 +67,100 @@ class SamplingParams:
             raise InvalidInputError("stop strings must not be empty")
 
 
+@dataclass(frozen=True)
+class SamplingColumns:
+    """The sampling settings of a batch's rows, one list per setting: what one draw takes.
+
+    The scheduler builds it when rows join or leave the batch, not on every step.
+    """
+
+    temperatures: list[float]
+    top_ks: list[int]
+    top_ps: list[float]
+    penalties: list[float]
+    sampled: list[bool]  # rows that draw (not greedy): each takes one uniform number per step
+    any_penalty: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> SamplingColumns:
+        return cls(
+            temperatures=[p.temperature for p in params],
+            top_ks=[p.top_k for p in params],
+            top_ps=[p.top_p for p in params],
+            penalties=[p.repetition_penalty for p in params],
+            sampled=[p.temperature != 0 and p.top_k != 1 for p in params],
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+        )
+
+    def uniforms(self, rngs: Sequence[np.random.Generator]) -> list[float]:
+        """One number in [0, 1) from each sampled row's own generator (0 for greedy rows)."""
+        return [rng.random() if sampled else 0.0 for sampled, rng in zip(self.sampled, rngs)]
+
+
+def draw(
+    logits: np.ndarray,
+    columns: SamplingColumns,
+    seen: Sequence[Sequence[int]],
+    uniforms: Sequence[float],
+    allowed: Sequence[int],
+    compiled: bool = True,
+) -> list[int]:
+    """Chooses the next token of every row in one pass.
+
+    Args:
+        logits: Scores, one row per stream, [batch, vocabulary].
+        columns: Each row's sampling settings.
+        seen: Each row's prompt and output ids so far (read only for a repetition penalty).
+        uniforms: Each row's number in [0, 1) (SamplingColumns.uniforms), used by sampled rows.
+        allowed: Per row, ids >= this are never chosen (special tokens such as BOS, or EOS
+            before min_tokens).
+        compiled: Use the compiled draw (server/core/_sampling.c) when it was built; the
+            numpy one otherwise. Both choose the same tokens (tests/unit/test_sampling.py).
+
+    Returns:
+        The chosen id of every row.
+    """
+    if compiled and _sampling is not None:
+        return _sampling.sample_rows(
+            np.ascontiguousarray(logits, dtype=np.float32),
+            allowed,
+            columns.temperatures,
+            columns.top_ks,
+            columns.top_ps,
+            columns.penalties,
+            seen,
+            uniforms,
+        )
+    return _draw_numpy(logits, columns, seen, uniforms, allowed)
+
+
 def sample_batch(
     logits: np.ndarray,
     params: Sequence[SamplingParams],
     seen: Sequence[Sequence[int]],
     rngs: Sequence[np.random.Generator],
     allowed: Sequence[int],
+    compiled: bool = True,
 ) -> list[int]:
-    """Chooses the next token of every row in one pass.
-
-    Runs the compiled draw (server/core/_sampling.c) when it was built, else the numpy
-    one (sample_batch_numpy); both choose the same tokens. Arguments as in sample_batch_numpy.
-    """
-    if _sampling is None:
-        return sample_batch_numpy(logits, params, seen, rngs, allowed)
-    # One uniform number per sampled row, drawn exactly where the numpy path draws it.
-    uniforms = [rng.random() if p.temperature != 0 and p.top_k != 1 else 0.0 for p, rng in zip(params, rngs)]
-    return _sampling.sample_rows(
-        np.ascontiguousarray(logits, dtype=np.float32),
-        allowed,
-        [p.temperature for p in params],
-        [p.top_k for p in params],
-        [p.top_p for p in params],
-        [p.repetition_penalty for p in params],
-        seen,
-        uniforms,
-    )
+    """draw() for rows given as SamplingParams and generators."""
+    columns = SamplingColumns.of(params)
+    return draw(logits, columns, seen, columns.uniforms(rngs), allowed, compiled)
 
 
-def sample_batch_numpy(
+def _draw_numpy(
     logits: np.ndarray,
-    params: Sequence[SamplingParams],
+    columns: SamplingColumns,
     seen: Sequence[Sequence[int]],
-    rngs: Sequence[np.random.Generator],
+    uniforms: Sequence[float],
     allowed: Sequence[int],
 ) -> list[int]:
-    """Chooses the next token of every row in one vectorised numpy pass.
-
-    Args:
-        logits: Scores, one row per stream, [batch, vocabulary].
-        params: Each row's sampling settings.
-        seen: Each row's prompt and output ids so far (read only for a repetition penalty).
-        rngs: Each row's own generator; one uniform number is drawn per sampled (not greedy) row.
-        allowed: Per row, ids >= this are never chosen (special tokens such as BOS, or EOS
-            before min_tokens).
-
-    Returns:
-        The chosen id of every row.
-    """
+    """draw() as one vectorised numpy pass over the batch."""
     width = max(allowed)
     scores = np.array(logits[:, :width], dtype=np.float64)
     for row, limit in enumerate(allowed):
         if limit < width:
             scores[row, limit:] = -np.inf
-    for row, setting in enumerate(params):
-        penalty = setting.repetition_penalty
+    for row, penalty in enumerate(columns.penalties):
         if penalty != 1.0 and len(seen[row]):
             ids = np.unique(np.asarray(seen[row], dtype=np.int64))
             ids = ids[ids < allowed[row]]
@@ -129,18 +168,18 @@ def sample_batch_numpy(
             scores[row, ids] = np.where(values > 0, values / penalty, values * penalty)
     # Few numpy calls per step matter more than their size here: a step samples up to a few
     # dozen rows of a few hundred scores, and each call costs microseconds of overhead.
-    rows = [i for i, p in enumerate(params) if p.temperature != 0 and p.top_k != 1]
-    every_row = len(rows) == len(params)
-    chosen = np.zeros(len(params), np.int64) if every_row else np.argmax(scores, axis=1)
+    rows = [i for i, sampled in enumerate(columns.sampled) if sampled]
+    every_row = len(rows) == len(columns.sampled)
+    chosen = np.zeros(len(rows), np.int64) if every_row else np.argmax(scores, axis=1)
     if not rows:
         return chosen.tolist()  # type: ignore[no-any-return]
     sampled = scores if every_row else scores[rows]
-    temperatures = [params[i].temperature for i in rows]
+    temperatures = [columns.temperatures[i] for i in rows]
     if min(temperatures) == max(temperatures):
         sampled /= temperatures[0]
     else:
         sampled /= np.array(temperatures)[:, None]
-    ks = [min(params[i].top_k, width) for i in rows]
+    ks = [min(columns.top_ks[i], width) for i in rows]
     if max(ks) > 0:
         if min(ks) == max(ks):
             kth = np.partition(sampled, width - ks[0], axis=1)[:, width - ks[0]]
@@ -150,7 +189,7 @@ def sample_batch_numpy(
         sampled[sampled < kth[:, None]] = -np.inf
     sampled -= sampled.max(axis=1, keepdims=True)
     weights = np.exp(sampled, out=sampled)
-    top_p = [params[i].top_p for i in rows]
+    top_p = [columns.top_ps[i] for i in rows]
     if min(top_p) < 1.0:
         # Nucleus: keep the most likely tokens until their mass reaches p (the one crossing p included).
         probs = weights / weights.sum(axis=1, keepdims=True)
@@ -164,7 +203,7 @@ def sample_batch_numpy(
         weights = np.where(dropped, 0.0, probs)
     # Inverse-CDF draw: one uniform number per row, much cheaper than Generator.choice(p=...).
     cumulative = np.cumsum(weights, axis=1)
-    targets = np.array([rngs[i].random() for i in rows]) * cumulative[:, -1]
+    targets = np.array([uniforms[i] for i in rows]) * cumulative[:, -1]
     picks = np.minimum((cumulative <= targets[:, None]).sum(axis=1), width - 1)
     if every_row:
         return picks.tolist()  # type: ignore[no-any-return]
