@@ -3,7 +3,7 @@
     python bench/generation_load.py [--url 127.0.0.1:8001] [--levels 1 8 32 64] [--max-tokens 64]
 
 Without --url it starts `ortserve serve` on the example repository itself. For each number of concurrent
-streams N, N clients each run max(2, 16 // N) streams back to back on ortserve.v1.TextGeneration; it reports time to first
+streams N, N clients each run max(2, min(16, 128 // N)) streams back to back on ortserve.v1.TextGeneration; it reports time to first
 token, inter-token latency (per token), end-to-end latency (p50/p99) and output tokens/s. Right before and
 right after each level it runs ONNX Runtime alone on batched decode steps of the same model (batch N, past
 length 64) in this process, and reports their mean as that level's in-process limit.
@@ -51,9 +51,12 @@ async def level(address: str, streams: int, max_tokens: int) -> dict[str, float]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gen_grpc.TextGenerationStub(channel)
 
-        # Each user runs streams back to back: at least two, and 16 streams in all at low
-        # levels, so even one stream's ITL percentiles rest on about a thousand gaps.
-        rounds = max(2, 16 // streams)
+        # Each user runs streams back to back, so the batch stays full while streams come and
+        # go: 16 each at low levels (one stream's ITL percentiles then rest on ~1,000 gaps),
+        # fewer at high ones but at least 2, and about 128 streams in all. The ramps at the
+        # start and end of a level (the batch filling, the last streams finishing alone) then
+        # weigh less than they would over one round.
+        rounds = max(2, min(16, 128 // streams))
 
         async def user(i: int) -> list[dict[str, object]]:
             return [await one_stream(stub, i * rounds + k, max_tokens) for k in range(rounds)]

@@ -16,6 +16,7 @@ import asyncio
 import codecs
 import collections
 import logging
+import random
 import secrets
 import threading
 import time
@@ -63,11 +64,12 @@ class Stream:
 
     prompt_ids: list[int]
     params: SamplingParams
-    rng: np.random.Generator
+    rng: random.Random
     deadline: float | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delivery]
     stops: StopMatcher
+    max_output: int  # tokens this stream may write: max_tokens, or less where the context ends first
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     output_ids: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)
@@ -152,11 +154,12 @@ class GenerationScheduler:
         stream = Stream(
             prompt_ids=prompt_ids,
             params=params,
-            rng=np.random.default_rng(seed),
+            rng=random.Random(seed),
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
             stops=StopMatcher(params.stop),
+            max_output=min(params.max_tokens, self.context_length - len(prompt_ids)),
         )
         with self._wakeup:
             if self._closing:
@@ -406,37 +409,43 @@ class GenerationScheduler:
                 outbox.append((stream, chunk))
 
     def _accept(self, stream: Stream, token: int, interval: int) -> TokenChunk | None:
-        """Adds a token to a stream; returns the chunk to send now, if any."""
-        params = stream.params
+        """Adds a token to a stream; returns the chunk to send now, if any.
+
+        Runs once per stream per step on the model thread, so it avoids work the common
+        case does not need (no stop strings, not finished yet).
+        """
         stream.output_ids.append(token)
         stream.unsent_ids.append(token)
         finish: str | None = None
-        data = b""
-        if token == self.eos and not params.ignore_eos:
-            finish = "stop"
-        elif token < 256:
-            data = bytes([token])
-        text_bytes, hit = stream.stops.feed(data)
-        if hit:
-            finish = "stop"
-        elif finish is None and (
-            len(stream.output_ids) >= params.max_tokens
-            or len(stream.prompt_ids) + len(stream.output_ids) >= self.context_length
-        ):
+        hit = False
+        if token == self.eos and not stream.params.ignore_eos:
+            finish, data = "stop", b""
+        else:
+            data = _BYTE_TEXT[token] if token < 256 else b""
+        if stream.stops.stops:
+            data, hit = stream.stops.feed(data)
+            if hit:
+                finish = "stop"
+        if finish is None and len(stream.output_ids) >= stream.max_output:
             finish = "length"
-        if finish is not None and not hit:
-            text_bytes += stream.stops.flush()
-        stream.unsent_text += stream.decoder.decode(text_bytes, final=finish is not None)
-        if finish is not None:
-            stream.done = True
-            counted = len(stream.output_ids) - (1 if finish == "stop" and token == self.eos else 0)
-            ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
-            return TokenChunk(text, ids, finish, len(stream.prompt_ids) - 1, counted)
-        if stream.unsent_text and len(stream.unsent_ids) >= interval:
-            # Token ids travel with the text they produced (a UTF-8 character may span tokens).
-            ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
-            return TokenChunk(text, ids)
-        return None
+        if finish is None:
+            stream.unsent_text += stream.decoder.decode(data)
+            if stream.unsent_text and len(stream.unsent_ids) >= interval:
+                # Token ids travel with the text they produced (a UTF-8 character may span tokens).
+                ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
+                return TokenChunk(text, ids)
+            return None
+        if stream.stops.stops and not hit:
+            data += stream.stops.flush()  # text held back as a possible start of a stop string
+        stream.done = True
+        text = stream.unsent_text + stream.decoder.decode(data, final=True)
+        counted = len(stream.output_ids) - (1 if finish == "stop" and token == self.eos else 0)
+        ids, stream.unsent_ids, stream.unsent_text = stream.unsent_ids, [], ""
+        return TokenChunk(text, ids, finish, len(stream.prompt_ids) - 1, counted)
+
+
+# The text of each byte-level token.
+_BYTE_TEXT = tuple(bytes([i]) for i in range(256))
 
 
 # One prefill run costs about as much beyond its tokens as this many more prompt tokens

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from exporters.models import decoder as dec
 from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError, ServerError
-from server.core.generation import GenerationScheduler, TokenChunk, plan_prefill
+from server.core.generation import GenerationScheduler, Stream, TokenChunk, plan_prefill
 from server.core.sampling import SamplingParams, StopMatcher, sample_batch, sample_next
 from server.runtime.base import Runtime
 from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
@@ -95,6 +97,33 @@ async def test_stop_string_split_across_tokens() -> None:
     assert "".join(c.text for c in chunks) == plain[: plain.find(stop)]
 
 
+async def test_text_held_back_for_a_stop_string_is_sent_when_the_stream_ends_otherwise() -> None:
+    # "de" may start the stop string "dex": held back, then sent when the stream ends by
+    # length or by the end-of-sequence token (the stop string was never completed).
+    scheduler = example_scheduler()
+    loop = asyncio.get_running_loop()
+
+    def stream(params: SamplingParams) -> Any:
+        return Stream(
+            prompt_ids=[scheduler.bos], params=params, rng=random.Random(0), deadline=None, loop=loop,
+            queue=asyncio.Queue(), stops=StopMatcher(params.stop), max_output=params.max_tokens,
+        )
+
+    by_length = stream(SamplingParams(max_tokens=3, stop=("dex",)))
+    chunks = [scheduler._accept(by_length, token, 1) for token in b"ade"]
+    assert [c.text if c else None for c in chunks] == ["a", None, "de"]
+    assert chunks[-1] is not None and chunks[-1].finish_reason == "length"
+    assert chunks[-1].token_ids == [ord("d"), ord("e")] and chunks[-1].completion_tokens == 3
+    by_eos = stream(SamplingParams(max_tokens=9, stop=("dex",)))
+    chunks = [scheduler._accept(by_eos, token, 1) for token in [*b"ade", scheduler.eos]]
+    assert chunks[-1] is not None and (chunks[-1].text, chunks[-1].finish_reason) == ("de", "stop")
+    assert chunks[-1].completion_tokens == 3  # the end-of-sequence token is not counted
+    by_stop = stream(SamplingParams(max_tokens=9, stop=("dex",)))
+    chunks = [scheduler._accept(by_stop, token, 1) for token in b"adex"]
+    assert chunks[-1] is not None and (chunks[-1].text, chunks[-1].finish_reason) == ("", "stop")
+    scheduler.close()
+
+
 def test_stop_matcher_holds_back_a_possible_prefix() -> None:
     matcher = StopMatcher(["END"])
     assert matcher.feed(b"abE") == (b"ab", False)
@@ -119,6 +148,8 @@ def test_sampling_options_on_fixed_logits() -> None:
         SamplingParams(top_p=0).check()
     with pytest.raises(InvalidInputError, match="temperature"):
         SamplingParams(temperature=-1).check()
+    with pytest.raises(InvalidInputError, match="seed"):
+        SamplingParams(seed=-5).check()
 
 
 class GatedRuntime(Runtime):
