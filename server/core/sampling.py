@@ -1,8 +1,10 @@
 """Choosing next tokens for a whole batch of streams at once, and finding stop strings.
 
-Each stream keeps its own settings and its own random generator: one vectorised pass
-over the batch's logits draws exactly what a pass over that stream's row alone would,
-so a seeded stream writes the same tokens whatever else shares the batch.
+Each stream keeps its own settings and its own random generator: one pass over the
+batch's logits draws exactly what a pass over that stream's row alone would, so a seeded
+stream writes the same tokens whatever else shares the batch. The pass runs in C
+(_sampling.c) when the extension was compiled, else as vectorised numpy; the two choose
+the same tokens.
 """
 
 from __future__ import annotations
