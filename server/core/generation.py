@@ -93,6 +93,7 @@ class GenerationScheduler:
         stream_interval: Tokens per streamed message. 0 adapts to load: one token per
             message up to 15 active streams, then one more per 16 streams (each message
             costs the server a gRPC write; clients see the same text, in fewer pieces).
+            A stream's first token is always sent at once, alone.
     """
 
     def __init__(
@@ -430,7 +431,9 @@ class GenerationScheduler:
             finish = "length"
         if finish is None:
             stream.unsent_text += stream.decoder.decode(data)
-            if stream.unsent_text and len(stream.unsent_ids) >= interval:
+            # The first text goes out at once (time to first token); later text every `interval` tokens.
+            first = len(stream.unsent_ids) == len(stream.output_ids)
+            if stream.unsent_text and (first or len(stream.unsent_ids) >= interval):
                 # Token ids travel with the text they produced (a UTF-8 character may span tokens).
                 ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
                 return TokenChunk(text, ids)
