@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Protocol
 
 import numpy as np
 
 from server.core.errors import InvalidInputError
 
-_sampling: ModuleType | None
 try:  # compiled by setup.py when a C compiler is there; numpy otherwise (same tokens)
     from server.core import _sampling
 except ImportError:  # pragma: no cover - depends on how the package was built
-    _sampling = None
+    _sampling = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
