@@ -6,6 +6,7 @@ exercise the real CLI, signal handling and wire, exactly as a client sees them.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,12 +22,14 @@ import torch
 from exporters.export import ExportSpec, export_torch
 from exporters.graphs import ONNX_TYPES, export_graph, identity_model, suffix_model
 from exporters.models import digits
+from tests.gate import Gate, gate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class SlowModel(torch.nn.Module):
-    """A fixed [256, 512] FP32 model that takes a noticeable time (for shutdown tests)."""
+class MixModel(torch.nn.Module):
+    """A fixed [n, 512] FP32 model: a few tanh(x @ W) layers. Its run time does not matter:
+    the tests that need a busy instance hold its runs at a gate (tests/gate.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +37,7 @@ class SlowModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(512, 512) / 512**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(60):
+        for _ in range(4):
             x = torch.tanh(x @ self.weight)
         return x
 
@@ -48,10 +51,15 @@ class AddSub(torch.nn.Module):
 
 @dataclass
 class TestRepository:
-    """The repository path and the trained digits model (to compare with PyTorch)."""
+    """The repository path, the trained digits model (to compare with PyTorch) and the gates.
+
+    `gates` holds one Gate per gated model: `gated` (fixed batch [256, 512], no batching)
+    and `gated_batched` (max_batch_size 256, dynamic batching, a queue of one request).
+    """
 
     path: Path
     digits_model: digits.DigitsCNN
+    gates: dict[str, Gate]
 
 
 def build_repository(root: Path) -> TestRepository:
@@ -63,17 +71,20 @@ def build_repository(root: Path) -> TestRepository:
         AddSub(), (torch.zeros(4), torch.zeros(4)),
         ExportSpec(["a", "b"], ["sum", "difference"], dynamic_batch=False), root, "addsub",
     )
+    gates = {name: Gate(root.parent / f"{root.name}-gates" / name) for name in ("gated", "gated_batched")}
     export_torch(
-        SlowModel(), (torch.zeros(256, 512),),
-        ExportSpec(["x"], ["y"], dynamic_batch=False, atol=1e-3), root, "slow",
+        MixModel(), (torch.zeros(256, 512),),
+        ExportSpec(["x"], ["y"], dynamic_batch=False, atol=1e-3, extra_config=gate_config(gates["gated"].directory)),
+        root, "gated",
     )
     export_torch(
-        SlowModel(), (torch.zeros(2, 512),),
+        MixModel(), (torch.zeros(2, 512),),
         ExportSpec(
             ["x"], ["y"], max_batch_size=256, atol=1e-3,
-            extra_config="dynamic_batching { default_queue_policy { max_queue_size: 1 } }",
+            extra_config="dynamic_batching { default_queue_policy { max_queue_size: 1 } }\n"
+            + gate_config(gates["gated_batched"].directory),
         ),
-        root, "slow_batched",
+        root, "gated_batched",
     )
     for datatype in ONNX_TYPES:
         export_graph(
@@ -84,7 +95,7 @@ def build_repository(root: Path) -> TestRepository:
     broken = root / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx model")
-    return TestRepository(root, model)
+    return TestRepository(root, model, gates)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +117,9 @@ class ServerProcess:
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *workers, *extra,
         ]
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        # Gated test models (tests/gate.py) load only where the test gates are enabled.
+        env = {**os.environ, "ORTSERVE_TEST_GATES": "1"}
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not self.port_file.exists() or not self.port_file.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:

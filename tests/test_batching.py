@@ -11,6 +11,8 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from tests.gate import WAIT_S, Gate, wait_until
+
 
 def digits_request(images: np.ndarray, request_id: str) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="digits", id=request_id)
@@ -24,8 +26,8 @@ def logits(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
 
 
-def slow_request(rows: int, **params: int) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="slow_batched")
+def gated_request(rows: int, **params: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="gated_batched")
     request.inputs.add(name="x", datatype="FP32", shape=[rows, 512])
     request.raw_input_contents.append(np.full((rows, 512), 0.01, np.float32).tobytes())
     for key, value in params.items():
@@ -59,73 +61,129 @@ async def test_many_clients_with_mixed_batch_sizes_each_get_their_own_answer(ser
     assert any(b.batch_size > 5 for b in after.batch_stats)
 
 
-def _wait_idle(stub) -> None:  # type: ignore[no-untyped-def]
-    # All runs of earlier tests are over once a fresh request has gone through.
-    stub.ModelInfer(slow_request(1), timeout=60)
+# The gated_batched model runs only when the test releases its gate (tests/gate.py), so
+# "the instance is busy" and "the queue (max_queue_size 1) is full" are states the test holds,
+# whatever the machine's speed. Every wait is on something observable, with a generous timeout.
 
 
-def test_expired_in_queue_is_deadline_exceeded_and_never_runs(stub) -> None:
-    _wait_idle(stub)
-    before = statistics(stub, "slow_batched")
-    running = stub.ModelInfer.future(slow_request(256), timeout=60)
-    time.sleep(0.05)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(slow_request(3, timeout=20_000), timeout=60)  # server-side queue timeout (µs)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "timed out in the queue" in err.value.details()
-    running.result()
-    after = statistics(stub, "slow_batched")
-    assert after.execution_count - before.execution_count == 1
-    assert after.inference_count - before.inference_count == 256
+@pytest.fixture
+def gate(repository) -> Gate:  # type: ignore[no-untyped-def]
+    return repository.gates["gated_batched"]
 
 
-def test_client_deadline_bounds_the_queue_wait(stub) -> None:
-    _wait_idle(stub)
-    before = statistics(stub, "slow_batched")
-    running = stub.ModelInfer.future(slow_request(256), timeout=60)
-    time.sleep(0.05)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(slow_request(5), timeout=0.02)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    running.result()
-    time.sleep(0.1)
-    after = statistics(stub, "slow_batched")
-    assert after.inference_count - before.inference_count == 256  # the 5 rows never ran
+def _occupy(stub, gate: Gate):  # type: ignore[no-untyped-def]
+    """Starts a 256-row request and waits until its run holds the (only) instance at the gate."""
+    seen = len(gate.entered())
+    running = stub.ModelInfer.future(gated_request(256), timeout=WAIT_S)
+    run = gate.wait_entered(seen)
+    assert gate.rows(run) == 256
+    return running, run
 
 
-def test_cancelled_while_queued_never_runs(stub) -> None:
-    _wait_idle(stub)
-    before = statistics(stub, "slow_batched")
-    running = stub.ModelInfer.future(slow_request(256), timeout=60)
-    time.sleep(0.05)
-    doomed = stub.ModelInfer.future(slow_request(7), timeout=60)
-    time.sleep(0.02)
-    assert doomed.cancel()
-    running.result()
-    time.sleep(0.1)
-    after = statistics(stub, "slow_batched")
-    assert after.inference_count - before.inference_count == 256
+def _rows_run_since(stub, before) -> int:  # type: ignore[no-untyped-def]
+    """Rows run since `before`, after a fresh 1-row request has gone through.
+
+    The queue is first-in first-out: a request still queued would run with (or before)
+    the fresh one, so once it has answered nothing older can run any more.
+    """
+    stub.ModelInfer(gated_request(1), timeout=WAIT_S)
+    return statistics(stub, "gated_batched").inference_count - before.inference_count - 1
 
 
-def test_queue_full_is_resource_exhausted_at_once(stub) -> None:
-    _wait_idle(stub)
-    running = stub.ModelInfer.future(slow_request(256), timeout=60)
-    time.sleep(0.05)
-    queued = stub.ModelInfer.future(slow_request(256), timeout=60)
-    time.sleep(0.02)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(slow_request(1), timeout=60)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    running.result()
+def _queue_is_full(stub) -> bool:  # type: ignore[no-untyped-def]
+    """Probes the one-place queue while the instance is held.
+
+    The probe asks for a 1 µs queue timeout, so when there is room it expires in the
+    queue at once (and has left it before the answer comes); when the place is taken
+    it is refused with RESOURCE_EXHAUSTED.
+    """
+    try:
+        stub.ModelInfer(gated_request(1, timeout=1), timeout=WAIT_S)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+        return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raise AssertionError("a request ran while the instance was held")
+
+
+def _queue_one(stub, rows: int):  # type: ignore[no-untyped-def]
+    """Sends a request and waits until it holds the queue's one place; returns its future.
+
+    A probe that comes in first holds the place for a moment; the request is then
+    refused, and sent again.
+    """
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        queued = stub.ModelInfer.future(gated_request(rows), timeout=WAIT_S)
+        while not _queue_is_full(stub):
+            if queued.done():
+                break
+        if not queued.done():
+            return queued
+        assert queued.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED, queued.exception()
+    raise AssertionError("no request could be queued")
+
+
+def test_expired_in_queue_is_deadline_exceeded_and_never_runs(stub, gate: Gate) -> None:
+    before = statistics(stub, "gated_batched")
+    with gate.held():
+        running, run = _occupy(stub, gate)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(gated_request(3, timeout=20_000), timeout=WAIT_S)  # server-side queue timeout (µs)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "timed out in the queue" in err.value.details()
+        assert not running.done()
+        gate.release(run)
+        running.result()
+    assert _rows_run_since(stub, before) == 256
+
+
+def test_client_deadline_bounds_the_queue_wait(stub, gate: Gate) -> None:
+    before = statistics(stub, "gated_batched")
+    with gate.held():
+        running, run = _occupy(stub, gate)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(gated_request(5), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.release(run)
+        running.result()
+    assert _rows_run_since(stub, before) == 256  # the 5 rows never ran
+
+
+def test_cancelled_while_queued_never_runs(stub, gate: Gate) -> None:
+    before = statistics(stub, "gated_batched")
+    with gate.held():
+        running, run = _occupy(stub, gate)
+        doomed = _queue_one(stub, 7)
+        assert doomed.cancel()
+        # The cancelled request leaves the queue, freeing its place.
+        wait_until(lambda: not _queue_is_full(stub), "the cancelled request to leave the queue")
+        gate.release(run)
+        running.result()
+    assert _rows_run_since(stub, before) == 256
+
+
+def test_queue_full_is_resource_exhausted_at_once(stub, gate: Gate) -> None:
+    before = statistics(stub, "gated_batched")
+    with gate.held():
+        running, run = _occupy(stub, gate)
+        queued = _queue_one(stub, 256)
+        # Refused while the instance is still held: the answer did not wait for room.
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(gated_request(1), timeout=WAIT_S)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many queued requests" in err.value.details()
+        assert not running.done() and not queued.done()
+        gate.release(run)
+        running.result()
     queued.result()
-    stub.ModelInfer(slow_request(1), timeout=60)  # and it serves again
+    assert _rows_run_since(stub, before) == 512  # and it serves again
 
 
 def test_batch_over_max_is_invalid_and_bad_priority(stub) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(slow_request(257), timeout=60)
+        stub.ModelInfer(gated_request(257), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(slow_request(1, priority=5), timeout=60)
+        stub.ModelInfer(gated_request(1, priority=5), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "priority 5" in err.value.details()

@@ -17,10 +17,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.conftest import ROOT, ServerProcess
+from tests.gate import WAIT_S, wait_until
 
 
-def _slow_request() -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="slow")
+def _gated_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="gated")
     request.inputs.add(name="x", datatype="FP32", shape=[256, 512])
     request.raw_input_contents.append(np.full((256, 512), 0.01, np.float32).tobytes())
     return request
@@ -28,38 +29,38 @@ def _slow_request() -> pb.ModelInferRequest:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_lets_in_flight_requests_finish(repository, tmp_path: Path, sig: signal.Signals) -> None:
+    gate = repository.gates["gated"]
     server = ServerProcess(repository.path, tmp_path, "--strict-readiness", "false")
     results: list[object] = []
-    with grpc.insecure_channel(server.address) as channel:
+    with grpc.insecure_channel(server.address) as channel, gate.held():
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        stub.ModelInfer(_slow_request(), timeout=60)  # warm up
-        started = time.perf_counter()
-        stub.ModelInfer(_slow_request(), timeout=60)
-        one_run_s = time.perf_counter() - started
 
         def call() -> None:
             try:
-                results.append(stub.ModelInfer(_slow_request(), timeout=60))
+                results.append(stub.ModelInfer(_gated_request(), timeout=WAIT_S))
             except grpc.RpcError as exc:
                 results.append(exc)
 
+        seen = len(gate.entered())
         workers = [threading.Thread(target=call) for _ in range(3)]
         for worker in workers:
             worker.start()
-        time.sleep(min(one_run_s / 2, 0.2))
+        run = gate.wait_entered(seen)  # one request is running (held), the others queued or arriving
         server.process.send_signal(sig)
+        wait_until(lambda: "shutting down" in server.log(), "the server to start shutting down")
+        gate.release(run)
+        gate.open()  # anything else admitted may run too
         for worker in workers:
-            worker.join(timeout=60)
+            worker.join(timeout=WAIT_S)
     code = server.stop()
     assert code == 0, server.log()
     assert len(results) == 3
     finished = [r for r in results if isinstance(r, pb.ModelInferResponse)]
-    # Requests admitted before the signal complete; none may end with UNKNOWN or hang.
+    # The request running when the signal came completes; none may end with UNKNOWN or hang.
     assert finished, [r for r in results]
     for result in results:
         if isinstance(result, grpc.RpcError):
             assert result.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), result
-    assert "shutting down" in server.log()
 
 
 def test_cuda_requested_without_a_gpu_falls_back_with_a_warning(repository, tmp_path: Path) -> None:

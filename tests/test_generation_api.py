@@ -8,22 +8,35 @@ import queue
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import ROOT, ServerProcess
+from tests.gate import Gate, gate_config
 from tests.test_grpcurl_and_health import grpcurl
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def gen_gate_dir(repo: Path) -> Path:
+    return repo.parent / f"{repo.name}-gate"
 
 
 @pytest.fixture(scope="module")
 def gen_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     repo = tmp_path_factory.mktemp("gen_repo")
     shutil.copytree(ROOT / "model_repository" / "bytes_decoder", repo / "bytes_decoder")
+    # The same decoder behind a test gate (tests/gate.py): its steps run only when the test lets them.
+    gated = repo / "bytes_decoder_gated"
+    shutil.copytree(ROOT / "model_repository" / "bytes_decoder", gated)
+    config = (gated / "config.pbtxt").read_text().replace('name: "bytes_decoder"', 'name: "bytes_decoder_gated"')
+    (gated / "config.pbtxt").write_text(config + "\n" + gate_config(gen_gate_dir(repo)) + "\n")
+    Gate(gen_gate_dir(repo))
     server = ServerProcess(repo, tmp_path_factory.mktemp("gen_server"))
+    server.gate = Gate(gen_gate_dir(repo))
     yield server
     assert server.stop() == 0, server.log()
 
@@ -137,11 +150,15 @@ def test_deadline_and_cancel_mid_stream_through_grpc(gen_server) -> None:
     with grpc.insecure_channel(gen_server.address) as channel:
         stub = gen_grpc.TextGenerationStub(channel)
         received = 0
-        with pytest.raises(grpc.RpcError) as err:
-            for response in stub.Generate(long, timeout=0.1):
+        gated = gen_pb.GenerateRequest()
+        gated.CopyFrom(long)
+        gated.model = "bytes_decoder_gated"
+        with gen_server.gate.held(), pytest.raises(grpc.RpcError) as err:
+            # Its prefill is held at the gate: the deadline passes, whatever the machine's speed.
+            for response in stub.Generate(gated, timeout=0.5):
                 received += len(response.token_ids)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert received < 200
+        assert received == 0
         call = stub.Generate(long, timeout=60)
         first = [next(call) for _ in range(3)]
         call.cancel()

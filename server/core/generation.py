@@ -172,6 +172,12 @@ class GenerationScheduler:
                 self._thread = threading.Thread(target=self._serve, name="generation", daemon=True)
                 self._thread.start()
             self._wakeup.notify()
+        # The model thread also ends overdue streams between steps; this timer ends the wait
+        # even while the thread is busy elsewhere (a long prefill, a stuck step).
+        timer = None
+        if deadline_s is not None:
+            expired = DeadlineExceededError("the request's deadline passed during generation")
+            timer = stream.loop.call_later(max(deadline_s, 0.0), stream.queue.put_nowait, expired)
         try:
             while True:
                 item = await stream.queue.get()
@@ -181,6 +187,8 @@ class GenerationScheduler:
                 if item.finish_reason is not None:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             # Client gone or deadline: the model thread drops the stream before its next step.
             if not stream.done:
                 stream.cancelled = True

@@ -19,6 +19,7 @@ from server.runtime.base import Runtime
 from server.core.model import Model, ModelSignature
 from server.repository import config as model_config
 from server.repository.repository import DEFAULT_MODEL_FILENAME, ModelRepository
+from server.runtime import gate
 from server.runtime import onnx as ort_runtime
 from server.rpc.pb import model_config_pb2 as mc
 
@@ -129,11 +130,13 @@ def _load_version(
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
         scheduling = model_config.scheduler_config(config, HARD_QUEUE_LIMIT)
         warm_up(config, signature, instances, repository.model_dir(name))
+        # After warm-up: a test gate holds only the runs of real requests.
+        served = gate.wrap(instances, gate.gate_dir_from({k: v.string_value for k, v in config.parameters.items()}))
         generation_file = repository.model_dir(name) / GENERATION_FILE
         generator = None
         if generation_file.is_file():
-            generator, signature = _generation_setup(config, first, generation_file)
-        model = Model(name, version, config.platform, signature, instances, scheduling, config, generator)
+            generator, signature = _generation_setup(config, served[0], generation_file)
+        model = Model(name, version, config.platform, signature, served, scheduling, config, generator)
     except BaseException:
         for instance in instances:
             instance.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -12,20 +11,27 @@ from server.runtime.base import GraphTensor, Runtime
 
 
 class FakeRuntime(Runtime):
-    """Doubles input `x` into output `y`; records each run's input; can be slowed or made to fail.
+    """Doubles input `x` into output `y`; records each run's input; can be held or made to fail.
 
     Args:
-        delay_s: Time each run takes (sleeps, as a real run blocks a thread).
+        held: Every run waits (its input already recorded in `runs`) until `release()`:
+            the test, not the machine's speed, decides how long an instance stays busy.
         fail_if: Runs whose input satisfies this raise RuntimeError.
     """
 
-    def __init__(self, delay_s: float = 0.0, fail_if: object = None) -> None:
-        self.delay_s = delay_s
+    def __init__(self, held: bool = False, fail_if: object = None) -> None:
         self.fail_if = fail_if
         self.runs: list[np.ndarray] = []
         self.concurrent = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
+        self._open = threading.Event()
+        if not held:
+            self._open.set()
+
+    def release(self) -> None:
+        """Lets every waiting and future run through."""
+        self._open.set()
 
     @property
     def inputs(self) -> Sequence[GraphTensor]:
@@ -46,8 +52,7 @@ class FakeRuntime(Runtime):
             self.concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:
-            if self.delay_s:
-                time.sleep(self.delay_s)
+            self._open.wait()
             if callable(self.fail_if) and self.fail_if(x):
                 raise RuntimeError("fake failure for this batch")
             return [x * 2 for _ in output_names]

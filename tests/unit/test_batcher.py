@@ -26,24 +26,36 @@ async def submit(scheduler: Scheduler, value: float, size: int = 1, **kwargs: ob
     return y
 
 
+async def wait_until(predicate, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Polls observable state; the generous timeout is only reached when something is broken."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
 async def wait_for_runs(runtime: FakeRuntime, count: int) -> None:
-    for _ in range(2000):
-        if len(runtime.runs) >= count:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"only {len(runtime.runs)} runs started")
+    await wait_until(lambda: len(runtime.runs) >= count, f"{count} runs to start (have {len(runtime.runs)})")
+
+
+async def wait_queued(scheduler: Scheduler, count: int) -> None:
+    await wait_until(lambda: scheduler.queued == count, f"{count} queued requests (have {scheduler.queued})")
 
 
 BATCHING = SchedulerConfig(max_batch_size=8, dynamic_batching=True)
 
 
 async def test_requests_are_merged_and_split_back() -> None:
-    runtime = FakeRuntime(delay_s=0.1)
+    runtime = FakeRuntime(held=True)
     scheduler = make(BATCHING, runtime)
     first = asyncio.create_task(submit(scheduler, 100.0))
     await wait_for_runs(runtime, 1)  # the instance is now busy
     sizes = [1, 3, 2, 4, 1, 2, 1, 3]
-    results = await asyncio.gather(*(submit(scheduler, float(i), size) for i, size in enumerate(sizes)))
+    pending = asyncio.gather(*(submit(scheduler, float(i), size) for i, size in enumerate(sizes)))
+    await wait_queued(scheduler, len(sizes))
+    runtime.release()
+    results = await pending
     await first
     for i, (size, y) in enumerate(zip(sizes, results)):
         assert y.shape == (size, 3)
@@ -60,36 +72,45 @@ async def test_requests_are_merged_and_split_back() -> None:
 
 
 async def test_different_shapes_are_never_merged() -> None:
-    runtime = FakeRuntime(delay_s=0.05)
+    runtime = FakeRuntime(held=True)
     scheduler = make(BATCHING, runtime)
     first = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
     wide = scheduler.submit({"x": np.ones((1, 5), np.float32)}, 1, ["y"])
     narrow = scheduler.submit({"x": np.ones((2, 3), np.float32)}, 2, ["y"])
-    [y_wide], [y_narrow] = await asyncio.gather(wide, narrow)
+    both = asyncio.gather(wide, narrow)
+    await wait_queued(scheduler, 2)
+    runtime.release()
+    [y_wide], [y_narrow] = await both
     await first
     assert y_wide.shape == (1, 5) and y_narrow.shape == (2, 3)
     assert sorted(run.shape for run in runtime.runs[1:]) == [(1, 5), (2, 3)]
 
 
 async def test_idle_instance_dispatches_at_once() -> None:
-    runtime = FakeRuntime(delay_s=0.05)
+    runtime = FakeRuntime(held=True)
     scheduler = make(BATCHING, runtime)  # max_queue_delay 0
     first = asyncio.create_task(submit(scheduler, 1.0))
     await wait_for_runs(runtime, 1)
     second = asyncio.create_task(submit(scheduler, 2.0))
+    await wait_queued(scheduler, 1)
+    runtime.release()
     await asyncio.gather(first, second)
     assert [len(r) for r in runtime.runs] == [1, 1]  # the first did not wait for company
 
 
 async def test_queue_delay_waits_for_company() -> None:
+    # A delay far longer than any test: the first request can only leave with company
+    # (the batch is full at 2 rows), so nothing depends on how fast the machine is.
     runtime = FakeRuntime()
-    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=300_000)
+    config = SchedulerConfig(max_batch_size=2, dynamic_batching=True, max_queue_delay_us=600_000_000)
     scheduler = make(config, runtime)
     first = asyncio.create_task(submit(scheduler, 1.0))
+    await wait_queued(scheduler, 1)
     await asyncio.sleep(0.01)
+    assert runtime.runs == [] and not first.done()  # waiting for company
     second = asyncio.create_task(submit(scheduler, 2.0))
-    await asyncio.gather(first, second)
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=60)
     assert [len(r) for r in runtime.runs] == [2]
 
 
@@ -103,20 +124,21 @@ async def test_preferred_batch_size_dispatches_without_waiting_out_the_delay() -
 
 
 async def test_queue_full_is_refused_at_once() -> None:
-    runtime = FakeRuntime(delay_s=0.2)
+    runtime = FakeRuntime(held=True)
     config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, default_policy=QueuePolicy(max_queue_size=2))
     scheduler = make(config, runtime)
     running = asyncio.create_task(submit(scheduler, 0.0, size=8))
     await wait_for_runs(runtime, 1)
     queued = [asyncio.create_task(submit(scheduler, 1.0, size=8)) for _ in range(2)]
-    await asyncio.sleep(0)
+    await wait_queued(scheduler, 2)
     with pytest.raises(QueueFullError):
         await submit(scheduler, 2.0)
+    runtime.release()
     await asyncio.gather(running, *queued)
 
 
 async def test_expired_in_queue_never_runs() -> None:
-    runtime = FakeRuntime(delay_s=0.3)
+    runtime = FakeRuntime(held=True)
     scheduler = make(BATCHING, runtime)
     running = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
@@ -124,6 +146,7 @@ async def test_expired_in_queue_never_runs() -> None:
         await submit(scheduler, 7.0, timeout_us=30_000)
     with pytest.raises(DeadlineExceededError):
         await submit(scheduler, 8.0, deadline_s=0.03)
+    runtime.release()
     await running
     await submit(scheduler, 9.0)
     assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 9.0]
@@ -131,43 +154,46 @@ async def test_expired_in_queue_never_runs() -> None:
 
 
 async def test_default_timeout_and_override_policy() -> None:
-    runtime = FakeRuntime(delay_s=0.3)
+    runtime = FakeRuntime(held=True)
     policy = QueuePolicy(default_timeout_us=20_000, allow_timeout_override=False)
     scheduler = make(SchedulerConfig(max_batch_size=8, dynamic_batching=True, default_policy=policy), runtime)
     running = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
     with pytest.raises(DeadlineExceededError):
         await submit(scheduler, 1.0, timeout_us=10_000_000)  # may not extend the default
+    runtime.release()
     await running
 
 
 async def test_cancelled_while_queued_never_runs() -> None:
-    runtime = FakeRuntime(delay_s=0.2)
+    runtime = FakeRuntime(held=True)
     scheduler = make(BATCHING, runtime)
     running = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
     doomed = asyncio.create_task(submit(scheduler, 5.0))
-    await asyncio.sleep(0.02)
-    assert scheduler.queued == 1
+    await wait_queued(scheduler, 1)
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
         await doomed
     assert scheduler.queued == 0
+    runtime.release()
     await running
     await submit(scheduler, 6.0)
     assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 6.0]
 
 
 async def test_priority_order() -> None:
-    runtime = FakeRuntime(delay_s=0.1)
+    runtime = FakeRuntime(held=True)
     config = SchedulerConfig(max_batch_size=8, dynamic_batching=False, priority_levels=2, default_priority_level=2)
     scheduler = make(config, runtime)
     running = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
     low1 = asyncio.create_task(submit(scheduler, 1.0))
     low2 = asyncio.create_task(submit(scheduler, 2.0, priority=2))
-    await asyncio.sleep(0.01)
+    await wait_queued(scheduler, 2)
     high = asyncio.create_task(submit(scheduler, 3.0, priority=1))
+    await wait_queued(scheduler, 3)
+    runtime.release()
     await asyncio.gather(running, low1, low2, high)
     assert [float(r[0, 0]) for r in runtime.runs] == [0.0, 3.0, 1.0, 2.0]
     with pytest.raises(InvalidInputError, match="priority 3"):
@@ -175,18 +201,23 @@ async def test_priority_order() -> None:
 
 
 async def test_instances_run_concurrently() -> None:
-    runtime = FakeRuntime(delay_s=0.2)
+    runtime = FakeRuntime(held=True)
     scheduler = make(SchedulerConfig(max_batch_size=8, dynamic_batching=False), runtime, instances=3)
-    await asyncio.gather(*(submit(scheduler, float(i)) for i in range(3)))
+    results = asyncio.gather(*(submit(scheduler, float(i)) for i in range(3)))
+    await wait_for_runs(runtime, 3)  # three runs started while none may finish: they overlap
+    runtime.release()
+    await results
     assert runtime.max_concurrent == 3
 
 
 async def test_failed_batch_fails_every_request_in_it_and_the_next_runs() -> None:
-    runtime = FakeRuntime(delay_s=0.05, fail_if=lambda x: bool((x == 13.0).any()))
+    runtime = FakeRuntime(held=True, fail_if=lambda x: bool((x == 13.0).any()))
     scheduler = make(BATCHING, runtime)
     running = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)
     doomed = [asyncio.create_task(submit(scheduler, v)) for v in (12.0, 13.0, 14.0)]
+    await wait_queued(scheduler, 3)
+    runtime.release()
     outcomes = await asyncio.gather(*doomed, return_exceptions=True)
     await running
     assert len(runtime.runs) == 2 and len(runtime.runs[1]) == 3  # one merged run

@@ -38,6 +38,14 @@ def scheduler(model_dir: Path) -> GenerationScheduler:
     return GenerationScheduler(session, info, max_num_seqs=8, max_queued=4)
 
 
+async def wait_until(predicate, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Polls observable state; the generous timeout is only reached when something is broken."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
 async def collect(scheduler: GenerationScheduler, prompt: bytes, params: SamplingParams) -> list[TokenChunk]:
     return [chunk async for chunk in scheduler.generate(prompt, params)]
 
@@ -71,8 +79,7 @@ async def test_seed_gives_the_same_tokens_whatever_shares_the_batch(scheduler) -
 async def test_admission_while_others_decode(scheduler) -> None:
     alone = output_ids(await collect(scheduler, b"for i in ", GREEDY))
     first = asyncio.create_task(collect(scheduler, b"while True:", SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)))
-    while scheduler.steps < 5:
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: scheduler.steps >= 5, "five steps of the first stream")
     joined = await collect(scheduler, b"for i in ", GREEDY)
     assert not first.done()  # it was decoding when the second one joined
     await first
@@ -159,6 +166,7 @@ class GatedRuntime(Runtime):
         self.inner = inner
         self.permits = threading.Semaphore(0)
         self.batch_sizes: list[int] = []
+        self.entered = 0  # runs that reached the gate, including one waiting for its permit
 
     @property
     def inputs(self):  # type: ignore[override]
@@ -173,6 +181,7 @@ class GatedRuntime(Runtime):
         return self.inner.providers
 
     def run(self, inputs, output_names):  # type: ignore[override]
+        self.entered += 1
         self.permits.acquire()
         self.batch_sizes.append(len(inputs["input_ids"]))
         return self.inner.run(inputs, output_names)
@@ -214,11 +223,7 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
     # The step in flight when they left is the last one that carried their rows.
     assert all(s.steps_after_cancel <= 1 for s in cancelled)
     assert all(size == 32 for size in gated.batch_sizes[runs_before_cancel + 1 :])
-    for _ in range(100):
-        if scheduler.active == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert scheduler.active == 0  # finished streams leave the batch
+    await wait_until(lambda: scheduler.active == 0, "finished streams to leave the batch")
     # Rows moved into the places of cancelled ones kept their own caches: each survivor wrote
     # what it writes alone.
     gated.permits.release(100_000)
@@ -245,50 +250,54 @@ def test_batch_sampling_equals_row_by_row_sampling() -> None:
 
 async def test_queue_full_and_bad_prompts(model_dir: Path) -> None:
     session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)  # no step runs until the test hands out permits
     info = json.loads((model_dir / "generation.json").read_text())
-    scheduler = GenerationScheduler(session, info, max_num_seqs=1, max_queued=1)
+    scheduler = GenerationScheduler(gated, info, max_num_seqs=1, max_queued=1)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     running = asyncio.create_task(collect(scheduler, b"a", params))
-    while scheduler.active == 0:
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: gated.entered == 1, "the first stream's prefill to start")
     waiting = asyncio.create_task(collect(scheduler, b"b", params))
-    await asyncio.sleep(0)
+    await wait_until(lambda: len(scheduler._waiting) == 1, "the second stream to wait")
     with pytest.raises(QueueFullError):
         await collect(scheduler, b"c", params)
+    gated.permits.release(1000)
     await asyncio.gather(running, waiting)
     with pytest.raises(InvalidInputError, match="context"):
         await collect(scheduler, b"x" * 200, params)
+    scheduler.close()
 
 
-async def test_deadline_bounds_the_whole_stream() -> None:
-    scheduler = example_scheduler()  # a model large enough that 200 steps take far longer than 20 ms
-    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+async def test_deadline_bounds_the_whole_stream(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)
+    scheduler = GenerationScheduler(gated, json.loads((model_dir / "generation.json").read_text()), stream_interval=1)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     received = 0
+    gated.permits.release(5)  # five steps run, then the model is held past the deadline
     with pytest.raises(DeadlineExceededError):
-        async for chunk in scheduler.generate(b"slow ", params, deadline_s=0.02):
+        async for chunk in scheduler.generate(b"slow ", params, deadline_s=0.5):
             received += len(chunk.token_ids)
-    assert received < 200
+    assert received == 5
+    gated.permits.release(1000)
+    scheduler.close()
 
 
 async def test_token_budget_bounds_admission(model_dir: Path) -> None:
     session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)  # records every run's batch size
     info = json.loads((model_dir / "generation.json").read_text())
     # Each stream reserves 2 prompt tokens + 20 output tokens = 22: a budget of 50 fits two at a time.
-    scheduler = GenerationScheduler(session, info, max_num_seqs=8, max_batch_tokens=50)
+    scheduler = GenerationScheduler(gated, info, max_num_seqs=8, max_batch_tokens=50)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, scheduler.active)
-            await asyncio.sleep(0)
-
-    watcher = asyncio.create_task(watch())
-    results = await asyncio.gather(*(collect(scheduler, bytes([65 + i]), params) for i in range(5)))
-    watcher.cancel()
+    streams = asyncio.gather(*(collect(scheduler, bytes([65 + i]), params) for i in range(5)))
+    # Hold the first run until every stream has arrived: whatever the machine's speed, the
+    # budget, not the arrival order, decides what shares a batch.
+    await wait_until(lambda: gated.entered == 1 and len(scheduler._waiting) >= 3, "all five streams to arrive")
+    gated.permits.release(100_000)
+    results = await streams
     assert all(r[-1].completion_tokens == 20 for r in results)
-    assert peak == 2
+    assert max(gated.batch_sizes) == 2
+    scheduler.close()
 
 
 async def test_stream_interval_groups_tokens_per_message(model_dir: Path) -> None:
