@@ -39,3 +39,17 @@ class PermissionDeniedError(ServerError):
 
 class ModelLoadError(ServerError):
     """A model could not be loaded; the message says why (shown in RepositoryIndex)."""
+
+
+# Client-supplied text (names, versions, parameter values) is quoted in messages only up to
+# this many characters: an unbounded echo can exceed gRPC's metadata limits (the client then
+# sees RESOURCE_EXHAUSTED instead of the real error) and fills logs.
+QUOTE_LIMIT = 64
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr` of client-supplied text, cut to `limit` characters with a marker when longer."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
