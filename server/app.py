@@ -10,8 +10,8 @@ from importlib import metadata
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server import workers
 from server.repository.registry import READY, ModelRegistry
@@ -19,7 +19,13 @@ from server.repository.repository import ModelRepository
 from server.rpc.pb import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.generation_servicer import TextGenerationServicer
-from server.rpc.registration import GENERATION_SERVICE, GenericOnly, add_generation_service, add_inference_service
+from server.rpc.registration import (
+    GENERATION_SERVICE,
+    add_generation_service,
+    add_health_service,
+    add_inference_service,
+    add_reflection_service,
+)
 from server.rpc.servicers import InferenceServicer, ServerState
 from server.settings import Settings
 
@@ -83,11 +89,9 @@ class OrtServer:
         server = grpc.aio.server(options=options)
         add_inference_service(self.servicer, server)
         add_generation_service(TextGenerationServicer(self.registry), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, GenericOnly(server))
+        add_health_service(self.health, server)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), GenericOnly(server)
-        )
+        add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
         try:
             self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         except RuntimeError:

@@ -7,7 +7,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from server.core import datatypes
-from server.core.errors import InvalidInputError, UnsupportedError
+from server.core.errors import InvalidInputError, UnsupportedError, quoted
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
 from server.repository.registry import IndexEntry, ServedModel
 from server.rpc import tensor_codec
@@ -63,14 +63,16 @@ def infer_request_from_pb(request: pb.ModelInferRequest) -> InferRequest:
             raise InvalidInputError(f"input {index} has no name")
         if tensor.datatype not in datatypes.BY_NAME:
             raise InvalidInputError(
-                f"input '{name}' has unknown datatype {tensor.datatype!r}; expected one of {', '.join(datatypes.BY_NAME)}"
+                f"input {quoted(name)} has unknown datatype {quoted(tensor.datatype)}; "
+                f"expected one of {', '.join(datatypes.BY_NAME)}"
             )
+        if len(tensor.shape) > MAX_DIMS:
+            raise InvalidInputError(f"input {quoted(name)} has {len(tensor.shape)} dimensions; the most is {MAX_DIMS}")
         shape = tuple(tensor.shape)
-        if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-            raise InvalidInputError(f"input '{name}' has invalid shape {list(shape)}")
+        # Negative and absurd dimensions are refused by the codec before it allocates anything.
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInputError(f"input '{name}' sets contents while the request uses raw_input_contents")
+                raise InvalidInputError(f"input {quoted(name)} sets contents while the request uses raw_input_contents")
             data = tensor_codec.decode_raw(raw[index], tensor.datatype, shape, name)
         else:
             data = tensor_codec.decode_typed(tensor.contents, tensor.datatype, shape, name)
@@ -80,7 +82,7 @@ def infer_request_from_pb(request: pb.ModelInferRequest) -> InferRequest:
         params = params_from_pb(requested.parameters)
         count = params.get("classification", 0)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise InvalidInputError(f"output '{requested.name}' classification must be a non-negative int64")
+            raise InvalidInputError(f"output {quoted(requested.name)} classification must be a non-negative int64")
         outputs.append(RequestedOutput(requested.name, count))
     return InferRequest(
         model_name=request.model_name,
@@ -195,7 +197,7 @@ def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
     try:
         json_format.Parse(param.string_param, config)
     except json_format.ParseError as exc:
-        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {exc}") from exc
+        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {quoted(exc, 300)}") from exc
     return config
 
 

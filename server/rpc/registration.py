@@ -1,24 +1,30 @@
-"""Registers the inference service with deserializers that cannot make gRPC answer UNKNOWN.
+"""Registers every gRPC service with deserializers that cannot make gRPC answer UNKNOWN.
 
 grpc-python answers UNKNOWN when a request body fails to parse. Our deserializer
 returns a MalformedRequest marker instead, and the handlers' status wrapper turns
-it into INVALID_ARGUMENT, so every failure has a meaningful code.
+it into INVALID_ARGUMENT, so every failure has a meaningful code. Servicers we did
+not write (health, reflection) are wrapped so the marker never reaches them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
+from server.rpc import status
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
+from server.rpc.status import MalformedRequest
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 GENERATION_SERVICE = gen_pb.DESCRIPTOR.services_by_name["TextGeneration"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 # grpc.aio keeps one pending "next call" future per registered method, plus one for all
 # the others, and each incoming call costs an asyncio.wait over the whole set (with every
@@ -31,14 +37,6 @@ HOT_METHODS = frozenset({
     "inference.GRPCInferenceService/ModelStreamInfer",
     "ortserve.v1.TextGeneration/Generate",
 })
-
-
-@dataclass(frozen=True)
-class MalformedRequest:
-    """Stands in for a request whose bytes did not parse."""
-
-    type_name: str
-    reason: str
 
 
 def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
@@ -61,12 +59,37 @@ def add_generation_service(servicer: object, server: grpc.aio.Server) -> None:
     add_service(GENERATION_SERVICE, gen_pb, servicer, server)
 
 
-def add_service(service: Any, module: Any, servicer: object, server: grpc.aio.Server) -> None:
-    """Registers `servicer`'s methods for every RPC of `service` (messages from `module`)."""
+def add_health_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Adds grpc.health.v1.Health (Check and Watch) around the stock servicer."""
+    add_foreign_service(HEALTH_SERVICE, health_pb2, servicer, server)
+
+
+def add_reflection_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Adds grpc.reflection.v1alpha.ServerReflection around the stock servicer."""
+    add_foreign_service(REFLECTION_SERVICE, reflection_pb2, servicer, server)
+
+
+def add_foreign_service(service: Any, module: Any, servicer: object, server: grpc.aio.Server) -> None:
+    """Registers a servicer we did not write (health, reflection): its methods do not check for
+    MalformedRequest, so each is wrapped with status.guard. Served by the generic handler only."""
+    add_service(service, module, servicer, server, guarded=True)
+
+
+def add_service(
+    service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False
+) -> None:
+    """Registers `servicer`'s methods for every RPC of `service` (messages from `module`).
+
+    Args:
+        guarded: Wrap each method with status.guard (for methods that do not call
+            status.check_parsed themselves).
+    """
     handlers = {}
     for method in service.methods:
         request_class = getattr(module, method.input_type.name)
         behaviour = getattr(servicer, method.name)
+        if guarded:
+            behaviour = status.guard(behaviour, method.client_streaming, method.server_streaming)
         deserializer = _safe_deserializer(request_class)
         serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:
@@ -82,17 +105,3 @@ def add_service(service: Any, module: Any, servicer: object, server: grpc.aio.Se
     hot = {name: h for name, h in handlers.items() if f"{service.full_name}/{name}" in HOT_METHODS}
     if hot:
         server.add_registered_method_handlers(service.full_name, hot)
-
-
-class GenericOnly:
-    """A server as seen by generated `add_*_to_server` helpers: their handlers are added as
-    generic handlers only (see HOT_METHODS for why)."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
-        """Not registered: served by the generic handler added alongside."""

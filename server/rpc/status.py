@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from server.core import errors
 from server.core.batcher import ModelRunError
-from server.rpc.registration import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,35 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
+# The most characters of a status message sent to a client. The message travels in the
+# grpc-message trailer; past the peer's metadata limit (16 KiB by default) the client sees
+# RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of the real error. Messages
+# quote client text through errors.quoted(); this cap holds whatever any layer puts in one.
+MAX_MESSAGE_CHARS = 2000
+_CUT_MARKER = " ... (message cut)"
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse (see registration.py)."""
+
+    type_name: str
+    reason: str
+
 
 def check_parsed(request: Any) -> None:
     """Raises InvalidInputError for a request body that did not parse."""
     if isinstance(request, MalformedRequest):
-        raise errors.InvalidInputError(f"request body is not a valid {request.type_name}: {request.reason}")
+        raise errors.InvalidInputError(
+            f"request body is not a valid {request.type_name}: {bounded(request.reason, 200)}"
+        )
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to at most `limit` characters, with a marker when it was longer."""
+    if len(message) <= limit:
+        return message
+    return message[: limit - len(_CUT_MARKER)] + _CUT_MARKER
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -42,7 +67,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls in type(exc).__mro__:
         code = STATUS_BY_ERROR.get(cls)
         if code is not None:
-            return code, str(exc) or cls.__name__
+            return code, bounded(str(exc) or cls.__name__)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -94,3 +119,63 @@ def streaming(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., Async
             await abort_with(exc, handler.__name__, context)
 
     return wrapper
+
+
+def guard(behaviour: Callable[..., Any], client_streaming: bool, server_streaming: bool) -> Callable[..., Any]:
+    """Wraps a servicer method we did not write (health, reflection) so that a request body that
+    did not parse ends as INVALID_ARGUMENT instead of reaching it (where it fails as UNKNOWN).
+
+    Args:
+        behaviour: The servicer's bound method (a coroutine function or an async generator function).
+        client_streaming: Whether it takes a request iterator.
+        server_streaming: Whether it answers with a stream.
+
+    Returns:
+        A handler of the same shape for grpc's `*_rpc_method_handler`.
+    """
+    name = getattr(behaviour, "__name__", "handler")
+    if client_streaming:
+
+        async def checked_requests(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, MalformedRequest):
+                    try:
+                        check_parsed(request)
+                    except errors.InvalidInputError as exc:
+                        await abort_with(exc, name, context)
+                yield request
+
+        if server_streaming:
+
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in behaviour(checked_requests(requests, context), context):
+                    yield item
+
+            return stream_stream
+
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await behaviour(checked_requests(requests, context), context)
+
+        return stream_unary
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            check_parsed(request)
+        except errors.InvalidInputError as exc:
+            await abort_with(exc, name, context)
+
+    if server_streaming and inspect.isasyncgenfunction(behaviour):
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(request, context)
+            async for item in behaviour(request, context):
+                yield item
+
+        return unary_stream
+
+    # A unary handler, or a streaming one that writes through context.write (health's Watch).
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await check(request, context)
+        return await behaviour(request, context)
+
+    return unary

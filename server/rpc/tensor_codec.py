@@ -8,9 +8,15 @@ from typing import Any
 import numpy as np
 
 from server.core import datatypes
-from server.core.errors import InvalidInputError
+from server.core.errors import InvalidInputError, quoted
 
 _LENGTH = struct.Struct("<I")
+
+# The largest product of a shape's non-zero dimensions. A tensor with elements is bounded
+# far below this by the bytes actually received (a gRPC message is < 2 GiB); the bound
+# matters for shapes with a zero dimension, which numpy refuses (ValueError, which would
+# answer INTERNAL) once the other dimensions times the item size pass int64.
+MAX_ELEMENTS = 1 << 56
 
 
 def element_count(shape: tuple[int, ...]) -> int:
@@ -21,25 +27,54 @@ def element_count(shape: tuple[int, ...]) -> int:
     return count
 
 
+def checked_element_count(shape: tuple[int, ...], name: str) -> int:
+    """Number of elements of a client's shape, refusing negative or absurd dimensions.
+
+    Raises:
+        InvalidInputError: a negative dimension, or non-zero dimensions whose product is
+            over MAX_ELEMENTS (Python ints: the product itself cannot overflow).
+    """
+    nonzero = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidInputError(f"input {quoted(name)} has a negative dimension in shape {list(shape)}")
+        if dim:
+            nonzero *= dim
+            if nonzero > MAX_ELEMENTS:
+                raise InvalidInputError(
+                    f"input {quoted(name)} has shape {list(shape)}, over {MAX_ELEMENTS} elements"
+                )
+    return element_count(shape)
+
+
 def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
-    """Splits length-prefixed BYTES contents into a flat object array of `count` elements."""
+    """Splits length-prefixed BYTES contents into a flat object array of `count` elements.
+
+    `count` comes from the client's shape: it is checked against the bytes received
+    (each element has a 4-byte length prefix) before anything is allocated by it.
+    """
+    if count > len(raw) // _LENGTH.size:
+        raise InvalidInputError(
+            f"input {quoted(name)} has {len(raw)} bytes of BYTES contents; its shape's {count} element(s) "
+            f"need at least {_LENGTH.size} bytes each"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset, index, total = 0, 0, len(raw)
     while offset < total:
         if index >= count:
-            raise InvalidInputError(f"input '{name}' holds more than the {count} BYTES element(s) its shape has")
+            raise InvalidInputError(f"input {quoted(name)} holds more than the {count} BYTES element(s) its shape has")
         if offset + 4 > total:
-            raise InvalidInputError(f"input '{name}' ends inside a BYTES length prefix")
+            raise InvalidInputError(f"input {quoted(name)} ends inside a BYTES length prefix")
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > total:
-            raise InvalidInputError(f"input '{name}' BYTES element {index} runs past the end of its contents")
+            raise InvalidInputError(f"input {quoted(name)} BYTES element {index} runs past the end of its contents")
         out[index] = bytes(view[offset : offset + length])
         offset += length
         index += 1
     if index != count:
-        raise InvalidInputError(f"input '{name}' holds {index} BYTES element(s); its shape needs {count}")
+        raise InvalidInputError(f"input {quoted(name)} holds {index} BYTES element(s); its shape needs {count}")
     return out
 
 
@@ -56,13 +91,13 @@ def encode_bytes(data: np.ndarray) -> bytes:
 def decode_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
     """A tensor from raw contents; fixed-size types are a zero-copy view over `raw`."""
     dtype = datatypes.BY_NAME[datatype]
-    count = element_count(shape)
+    count = checked_element_count(shape, name)
     if datatype == "BYTES":
         return decode_bytes(raw, count, name).reshape(shape)
     expected = count * dtype.item_size
     if len(raw) != expected:
         raise InvalidInputError(
-            f"input '{name}' has {len(raw)} bytes of raw contents; {datatype} shape {list(shape)} needs {expected}"
+            f"input {quoted(name)} has {len(raw)} bytes of raw contents; {datatype} shape {list(shape)} needs {expected}"
         )
     return np.frombuffer(raw, dtype=dtype.numpy_dtype).reshape(shape)
 
@@ -71,16 +106,17 @@ def decode_typed(contents: Any, datatype: str, shape: tuple[int, ...], name: str
     """A tensor from the InferTensorContents field that matches its datatype."""
     dtype = datatypes.BY_NAME[datatype]
     if not dtype.contents_field:
-        raise InvalidInputError(f"input '{name}' is {datatype}, which must be sent in raw_input_contents")
+        raise InvalidInputError(f"input {quoted(name)} is {datatype}, which must be sent in raw_input_contents")
     for field_desc, _ in contents.ListFields():
         if field_desc.name != dtype.contents_field:
             raise InvalidInputError(
-                f"input '{name}' is {datatype} but sets contents.{field_desc.name}; use contents.{dtype.contents_field}"
+                f"input {quoted(name)} is {datatype} but sets contents.{field_desc.name}; use contents.{dtype.contents_field}"
             )
     values = getattr(contents, dtype.contents_field)
-    count = element_count(shape)
+    count = checked_element_count(shape, name)
+    # Compared before anything is allocated: the typed field's length is what was received.
     if len(values) != count:
-        raise InvalidInputError(f"input '{name}' has {len(values)} element(s); shape {list(shape)} needs {count}")
+        raise InvalidInputError(f"input {quoted(name)} has {len(values)} element(s); shape {list(shape)} needs {count}")
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         for i, value in enumerate(values):
@@ -90,7 +126,7 @@ def decode_typed(contents: Any, datatype: str, shape: tuple[int, ...], name: str
         wide = np.asarray(values, dtype=np.int64)
         info = np.iinfo(dtype.numpy_dtype)
         if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInputError(f"input '{name}' has values outside the {datatype} range")
+            raise InvalidInputError(f"input {quoted(name)} has values outside the {datatype} range")
         return wide.astype(dtype.numpy_dtype).reshape(shape)
     return np.asarray(values, dtype=dtype.numpy_dtype).reshape(shape)
 
