@@ -148,6 +148,11 @@ class Model:
         self.generator = generator
 
     @property
+    def busy(self) -> bool:
+        """Whether requests this version admitted are still queued or running, generation streams included."""
+        return self.scheduler.busy or (self.generator is not None and self.generator.busy)
+
+    @property
     def providers(self) -> Sequence[str]:
         """Execution providers the instances actually run on."""
         return self._instances[0].providers

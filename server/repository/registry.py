@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
 
-from server.core.ensemble import ENSEMBLE_PLATFORM, EnsembleModel, EnsembleStep, check_graph
+from server.core.ensemble import ENSEMBLE_PLATFORM, MAX_ENSEMBLE_DEPTH, EnsembleModel, EnsembleStep, check_graph
 from server.core.errors import (
     InvalidInputError,
     ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     ServerError,
+    quoted,
 )
 from server.core.model import Model, ModelSignature
 from server.repository import config as model_config
 from server.repository.loader import load_model
-from server.repository.repository import CONFIG_FILES, ModelRepository, VALID_MODEL_NAME
+from server.repository.repository import (
+    MAX_VERSION,
+    ModelRepository,
+    VALID_MODEL_NAME,
+    VersionLoadError,
+    parse_version,
+)
 from server.rpc.pb import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
@@ -45,7 +53,10 @@ class ModelEntry:
         versions: Served versions.
         reloading: A new version set is being loaded while these versions serve.
         reload_error: Why the last reload failed (the old versions kept serving).
+        failed_version: The version that the failure in `reason` or `reload_error` is about, if one.
         fingerprint: What the files looked like at the last load (for poll mode).
+        waits_for: For an ensemble refused because a step's model was not ready: those
+            models (poll mode retries it once they are ready).
     """
 
     name: str
@@ -54,7 +65,9 @@ class ModelEntry:
     versions: dict[int, ServedModel] = field(default_factory=dict)
     reloading: bool = False
     reload_error: str = ""
+    failed_version: int | None = None
     fingerprint: tuple = ()
+    waits_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,17 +81,16 @@ class IndexEntry:
 
 
 def fingerprint(repository: ModelRepository, name: str) -> tuple:
-    """Sizes and modification times of a model's config and version files: changes mean reload."""
-    try:
-        model_dir = repository.model_dir(name)
-    except ServerError:
-        return ()
-    parts: list[tuple] = []
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file() and (path.name in CONFIG_FILES or path.parent != model_dir or path.suffix == ".txt"):
-            stat = path.stat()
-            parts.append((str(path.relative_to(model_dir)), stat.st_size, stat.st_mtime_ns))
-    return tuple(parts)
+    """What a model's files look like (ModelRepository.fingerprint): changes mean reload."""
+    return repository.fingerprint(name)
+
+
+class StepNotReadyError(ModelLoadError):
+    """An ensemble step names a model that is not loaded and ready; `models` says which."""
+
+    def __init__(self, message: str, models: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.models = models
 
 
 class ModelRegistry:
@@ -207,7 +219,7 @@ class ModelRegistry:
         for model in models:
             if isinstance(model, Model):
                 waited = 0.0
-                while model.scheduler.busy and waited < DRAIN_TIMEOUT_S:
+                while model.busy and waited < DRAIN_TIMEOUT_S:
                     await asyncio.sleep(0.01)
                     waited += 0.01
             await model.stop()
