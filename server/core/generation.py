@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import json
 import logging
+import math
 import random
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -33,8 +35,10 @@ from server.core.errors import (
     ModelNotReadyError,
     QueueFullError,
     ServerError,
+    quoted,
 )
-from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw
+from server.core.sampling import MAX_STOP_STRINGS, SamplingColumns, SamplingParams, StopMatcher, draw
+from server.core.types import InferRequest, ParamValue
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -123,6 +127,7 @@ class GenerationScheduler:
         self._waiting: collections.deque[Stream] = collections.deque()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._in_flight = 0  # generate() calls between admission and their end (queued or in the batch)
         # The model thread's own batch state.
         self._active: list[Stream] = []
         self._caches: list[np.ndarray] = []
@@ -136,6 +141,16 @@ class GenerationScheduler:
         """Streams in the batch now."""
         return len(self._active)
 
+    @property
+    def busy(self) -> bool:
+        """Whether any admitted stream has not ended yet (waiting, prefilling or decoding).
+
+        A retiring model version waits on this before close(), so streams it admitted end on
+        it normally instead of being cut off.
+        """
+        with self._wakeup:
+            return self._in_flight > 0
+
     async def generate(self, prompt: bytes, params: SamplingParams, deadline_s: float | None = None) -> AsyncIterator[TokenChunk]:
         """Streams the completion of `prompt` chunk by chunk; the last chunk has a finish reason.
 
@@ -146,6 +161,10 @@ class GenerationScheduler:
             ModelNotReadyError: the model was unloaded.
         """
         params.check()
+        if params.max_tokens > self.context_length:
+            raise InvalidInputError(
+                f"max_tokens is {params.max_tokens}; the model's context is {self.context_length} tokens"
+            )
         prompt_ids = [self.bos, *prompt]
         if len(prompt_ids) >= self.context_length:
             raise InvalidInputError(
@@ -168,6 +187,7 @@ class GenerationScheduler:
             if len(self._waiting) >= self.max_queued:
                 raise QueueFullError("too many generation requests are waiting; retry later")
             self._waiting.append(stream)
+            self._in_flight += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="generation", daemon=True)
                 self._thread.start()
@@ -192,9 +212,10 @@ class GenerationScheduler:
             # Client gone or deadline: the model thread drops the stream before its next step.
             if not stream.done:
                 stream.cancelled = True
-                with self._wakeup:
-                    if stream in self._waiting:
-                        self._waiting.remove(stream)
+            with self._wakeup:
+                self._in_flight -= 1
+                if not stream.done and stream in self._waiting:
+                    self._waiting.remove(stream)
 
     def close(self) -> None:
         """Ends the model thread after its current step; streams still there get UNAVAILABLE."""
@@ -402,20 +423,47 @@ class GenerationScheduler:
             columns = None
         if columns is None:
             columns = SamplingColumns.of([s.params for s in live])
-        tokens = draw(
-            logits,
-            columns,
+        seen = (
             [s.prompt_ids + s.output_ids if s.params.repetition_penalty != 1.0 else () for s in live]
-            if columns.any_penalty else ((),) * len(live),
-            [s.rng.random() if sampled else 0.0 for s, sampled in zip(live, columns.sampled)],
-            # Before min_tokens, the end-of-sequence token is simply not a choice.
-            [self.eos if len(s.output_ids) < s.params.min_tokens else self.eos + 1 for s in live],
+            if columns.any_penalty else ((),) * len(live)
         )
+        uniforms = [s.rng.random() if sampled else 0.0 for s, sampled in zip(live, columns.sampled)]
+        # Before min_tokens, the end-of-sequence token is simply not a choice.
+        allowed = [self.eos if len(s.output_ids) < s.params.min_tokens else self.eos + 1 for s in live]
+        tokens: list[int | None]
+        try:
+            tokens = list(draw(logits, columns, seen, uniforms, allowed))
+        except Exception:
+            # One row must not fail its neighbours: draw row by row (with the same numbers, so
+            # the others get the tokens they would have got) and fail only the rows that fail.
+            logger.exception("batched draw failed; drawing row by row")
+            tokens = []
+            for row, stream in enumerate(live):
+                try:
+                    one = SamplingColumns.of([stream.params])
+                    tokens.append(draw(logits[row : row + 1], one, [seen[row]], [uniforms[row]], [allowed[row]])[0])
+                except Exception:
+                    logger.exception("drawing the next token of one stream failed")
+                    self._fail_stream(stream, outbox)
+                    tokens.append(None)
         interval = self.stream_interval or 1 + len(self._active) // 16
         for stream, token in zip(live, tokens):
-            chunk = self._accept(stream, token, interval)
+            if token is None:
+                continue
+            try:
+                chunk = self._accept(stream, token, interval)
+            except Exception:
+                logger.exception("handling the next token of one stream failed")
+                self._fail_stream(stream, outbox)
+                continue
             if chunk is not None:
                 outbox.append((stream, chunk))
+
+    def _fail_stream(self, stream: Stream, outbox: list[tuple[Stream, Delivery]]) -> None:
+        """Ends one stream with an error; its row leaves the batch before the next step."""
+        if not stream.done:
+            stream.done = True
+            outbox.append((stream, ServerError("generation failed for this request")))
 
     def _accept(self, stream: Stream, token: int, interval: int) -> TokenChunk | None:
         """Adds a token to a stream; returns the chunk to send now, if any.
@@ -523,19 +571,112 @@ class GenerationArgs:
     params: SamplingParams
     stream: bool
     exclude_input: bool
+    empty_final: bool = False  # request parameter triton_enable_empty_final_response
 
 
-_JSON_FIELDS = {
-    "max_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-    "repetition_penalty": float, "seed": int, "ignore_eos": bool, "min_tokens": int,
+# What each sampling setting must be; the same names in the JSON `sampling_parameters` and as
+# request parameters (Triton's vLLM backend accepts both).
+_SETTINGS = {
+    "max_tokens": "int", "temperature": "number", "top_k": "int", "top_p": "number",
+    "repetition_penalty": "number", "seed": "int", "ignore_eos": "bool", "min_tokens": "int", "stop": "stop",
 }
+# Request options that also have their own input tensors; the JSON may give them too.
+_OPTIONS = {"stream": "bool", "exclude_input_in_output": "bool"}
+# Request parameters clients send that are not sampling settings.
+_EMPTY_FINAL = "triton_enable_empty_final_response"
+_UNSUPPORTED_UNLESS_ZERO = ("priority", "timeout")  # tritonclient sends them only when set
+# The JSON holds a few numbers and at most MAX_STOP_STRINGS short strings.
+MAX_SAMPLING_JSON_BYTES = 16384
 
 
-def generation_args(inputs: dict[str, np.ndarray], default_stream: bool) -> GenerationArgs:
-    """Reads the text-generation tensors of a request.
+def _convert(where: str, kind: str, value: Any) -> Any:
+    """A setting's value in the type SamplingParams wants; InvalidInputError when it is not one."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise InvalidInputError(f"{where} must be true or false, got {quoted(value)}")
+    if kind == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidInputError(f"{where} must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInputError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        return tuple(stops)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInputError(f"{where} must be a number, got {quoted(value)}")
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{where} must be a finite number, got {value}")
+    if kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidInputError(f"{where} must be an integer, got {value}")
+            value = int(value)
+        return value
+    return float(value)
+
+
+def _parse_json_object(raw: Any) -> dict[str, Any]:
+    """The JSON `sampling_parameters`: a flat object with no repeated keys."""
+    data = bytes(raw)
+    if len(data) > MAX_SAMPLING_JSON_BYTES:
+        raise InvalidInputError(
+            f"sampling_parameters is {len(data)} bytes; at most {MAX_SAMPLING_JSON_BYTES} are allowed"
+        )
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise InvalidInputError(f"sampling_parameters gives {quoted(key)} more than once")
+            out[key] = value
+        return out
+
+    try:
+        parsed = json.loads(data.decode("utf-8"), object_pairs_hook=pairs)
+    except RecursionError as exc:  # deep nesting: json's parser recurses once per level
+        raise InvalidInputError("sampling_parameters is nested too deeply; it must be a flat JSON object") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError("sampling_parameters is not UTF-8 text") from exc
+    except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
+        raise InvalidInputError(f"sampling_parameters is not valid JSON: {quoted(exc)}") from exc
+    if not isinstance(parsed, dict):
+        raise InvalidInputError("sampling_parameters must be a JSON object")
+    for key, value in parsed.items():
+        if isinstance(value, dict) or (isinstance(value, list) and key != "stop"):
+            raise InvalidInputError(f"sampling_parameters.{key} must be a plain value; the object must be flat")
+    return parsed
+
+
+def request_args(
+    request: InferRequest, validate: Callable[[InferRequest], object], default_stream: bool
+) -> GenerationArgs:
+    """generation_args() of a decoded ModelInfer request, after `validate` (the model's signature check).
+
+    Scalar inputs may be shaped [1] or [1, 1]: TensorRT-LLM's models batch, so Triton clients
+    written for them send every scalar with a batch dimension of one.
+    """
+    for tensor in request.inputs:
+        if tuple(tensor.shape) == (1, 1):
+            tensor.shape = (1,)
+            tensor.data = tensor.data.reshape(1)
+    validate(request)
+    return generation_args({t.name: t.data for t in request.inputs}, default_stream, request.parameters)
+
+
+def generation_args(
+    inputs: dict[str, np.ndarray], default_stream: bool, parameters: Mapping[str, ParamValue] | None = None
+) -> GenerationArgs:
+    """Reads the text-generation tensors and request parameters of a request.
+
+    A setting may come from an input tensor (`max_tokens`, `min_length`, `stream`,
+    `exclude_input_in_output`), from the JSON `sampling_parameters`, or from a request
+    parameter of the same name; given in more than one place, the values must agree.
 
     Raises:
-        InvalidInputError: missing prompt, bad JSON, unknown sampling options, bad values.
+        InvalidInputError: missing prompt, bad JSON, unknown settings or request parameters,
+            values of the wrong type or out of bounds, a setting given twice differently.
     """
     def scalar(name: str) -> Any:
         value = inputs.get(name)
@@ -548,43 +689,58 @@ def generation_args(inputs: dict[str, np.ndarray], default_stream: bool) -> Gene
     prompt = scalar("text_input")
     if prompt is None:
         raise InvalidInputError("missing input 'text_input' (BYTES)")
-    options: dict[str, Any] = {}
+    given: dict[str, tuple[str, Any]] = {}  # setting -> (where it came from, value)
+
+    def give(key: str, where: str, value: Any) -> None:
+        earlier = given.get(key)
+        if earlier is not None and earlier[1] != value:
+            raise InvalidInputError(
+                f"{key} is given twice with different values ({earlier[0]}: {quoted(earlier[1])}, "
+                f"{where}: {quoted(value)})"
+            )
+        given[key] = (where, value)
+
+    for name, key, kind in (
+        ("max_tokens", "max_tokens", "int"), ("min_length", "min_tokens", "int"),
+        ("stream", "stream", "bool"), ("exclude_input_in_output", "exclude_input_in_output", "bool"),
+    ):
+        value = scalar(name)
+        if value is not None:
+            give(key, f"input '{name}'", _convert(f"input '{name}'", kind, value))
     raw_json = scalar("sampling_parameters")
     if raw_json is not None:
-        import json
-
-        try:
-            parsed = json.loads(bytes(raw_json).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInputError(f"sampling_parameters is not a JSON object: {exc}") from exc
-        if not isinstance(parsed, dict):
-            raise InvalidInputError("sampling_parameters must be a JSON object")
-        for key, value in parsed.items():
-            if key == "stop":
-                stops = [value] if isinstance(value, str) else value
-                if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-                    raise InvalidInputError("sampling_parameters.stop must be a string or a list of strings")
-                options["stop"] = tuple(stops)
-            elif key in _JSON_FIELDS:
-                try:
-                    options[key] = _JSON_FIELDS[key](value)
-                except (TypeError, ValueError) as exc:
-                    raise InvalidInputError(f"sampling_parameters.{key} has a bad value {value!r}") from exc
-            elif key not in ("stream", "exclude_input_in_output"):
-                raise InvalidInputError(f"unknown sampling parameter '{key}'")
-    max_tokens = scalar("max_tokens")
-    if max_tokens is not None:
-        options["max_tokens"] = int(max_tokens)
-    min_length = scalar("min_length")  # TensorRT-LLM's name, sent by genai-perf for fixed output lengths
-    if min_length is not None:
-        options["min_tokens"] = int(min_length)
-    stream = scalar("stream")
-    exclude = scalar("exclude_input_in_output")
+        for key, value in _parse_json_object(raw_json).items():
+            json_kind = _SETTINGS.get(key) or _OPTIONS.get(key)
+            if json_kind is None:
+                raise InvalidInputError(
+                    f"unknown sampling parameter {quoted(key)}; known: {', '.join([*_SETTINGS, *_OPTIONS])}"
+                )
+            give(key, "sampling_parameters", _convert(f"sampling_parameters.{key}", json_kind, value))
+    empty_final = False
+    for key, value in (parameters or {}).items():
+        if key in _SETTINGS:
+            give(key, "request parameter", _convert(f"request parameter '{key}'", _SETTINGS[key], value))
+        elif key == _EMPTY_FINAL:
+            empty_final = _convert(f"request parameter '{key}'", "bool", value)
+        elif key in _UNSUPPORTED_UNLESS_ZERO:
+            if value != 0 or isinstance(value, bool):
+                raise InvalidInputError(
+                    f"request parameter '{key}' is not supported by text-generation models (got {quoted(value)})"
+                )
+        else:
+            raise InvalidInputError(
+                f"unknown request parameter {quoted(key)} for a text-generation model; known: "
+                f"{', '.join([*_SETTINGS, _EMPTY_FINAL])}"
+            )
+    options = {key: value for key, (_, value) in given.items() if key in _SETTINGS}
     params = SamplingParams(**options)
     params.check()
+    stream = given.get("stream")
+    exclude = given.get("exclude_input_in_output")
     return GenerationArgs(
         prompt=bytes(prompt),
         params=params,
-        stream=default_stream if stream is None else bool(stream),
-        exclude_input=bool(exclude) if exclude is not None else False,
+        stream=default_stream if stream is None else bool(stream[1]),
+        exclude_input=False if exclude is None else bool(exclude[1]),
+        empty_final=bool(empty_final),
     )

@@ -9,13 +9,14 @@ the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from server.core.errors import InvalidInputError
+from server.core.errors import InvalidInputError, quoted
 
 try:  # compiled by setup.py when a C compiler is there; numpy otherwise (same tokens)
     from server.core import _sampling
@@ -51,23 +52,58 @@ class SamplingParams:
     min_tokens: int = 0
 
     def check(self) -> None:
-        """Raises InvalidInputError naming the first bad value."""
-        if self.max_tokens < 1:
-            raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidInputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InvalidInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.min_tokens < 0:
-            raise InvalidInputError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidInputError(f"seed must be in [0, 2**64), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise InvalidInputError("stop strings must not be empty")
+        """Raises InvalidInputError naming the first bad value (the bounds are the module's constants)."""
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        _check_number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _check_int("top_k", self.top_k, 0, MAX_TOP_K)
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidInputError(f"top_p must be a finite number in (0, 1], got {quoted(self.top_p)}")
+        _check_number("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**64 - 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidInputError(f"ignore_eos must be true or false, got {quoted(self.ignore_eos)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidInputError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise InvalidInputError("stop strings must be non-empty strings")
+            size = len(stop.encode("utf-8", "surrogatepass"))
+            if size > MAX_STOP_BYTES:
+                raise InvalidInputError(
+                    f"a stop string may hold at most {MAX_STOP_BYTES} bytes of UTF-8, got {size}: {quoted(stop)}"
+                )
+
+
+# Bounds of the sampling settings (documented in the README). Values outside them are refused
+# (INVALID_ARGUMENT) before a stream is admitted, so a bad setting can never reach the batched
+# draw, where it would fail or skew every stream sharing the step.
+MAX_TOKENS_LIMIT = 2**31 - 1  # the scheduler further limits max_tokens to the model's context
+MAX_TEMPERATURE = 100.0
+# Temperatures above 0 but below this are greedy: dividing scores by a tinier one overflows.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_K = 2**31 - 1
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+# Stop strings: matching costs the same whatever their number (StopMatcher), but each one is
+# held in every stream's automaton, so both their number and their length are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 128
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if not (_is_number(value) and low <= value <= high):  # type: ignore[operator]
+        raise InvalidInputError(f"{name} must be a finite number in [{low:g}, {high:g}], got {quoted(value)}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInputError(f"{name} must be an integer in [{low}, {high}], got {quoted(value)}")
 
 
 class UniformSource(Protocol):
@@ -94,11 +130,11 @@ class SamplingColumns:
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> SamplingColumns:
         return cls(
-            temperatures=[p.temperature for p in params],
+            temperatures=[p.temperature if p.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0 for p in params],
             top_ks=[p.top_k for p in params],
             top_ps=[p.top_p for p in params],
             penalties=[p.repetition_penalty for p in params],
-            sampled=[p.temperature != 0 and p.top_k != 1 for p in params],
+            sampled=[p.temperature >= GREEDY_BELOW_TEMPERATURE and p.top_k != 1 for p in params],
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         )
 
@@ -229,37 +265,80 @@ def sample_next(
 
 
 class StopMatcher:
-    """Finds stop strings across token boundaries and holds back text that may start one."""
+    """Finds stop strings across token boundaries and holds back text that may start one.
+
+    An Aho-Corasick automaton over the stop strings' bytes: each output byte takes one
+    transition (plus amortised failure steps), whatever the number of stop strings, and the
+    automaton's state is the longest output suffix that may still grow into a stop string,
+    which is exactly the text to hold back. A stream ends where a stop string first
+    completes; the text before that stop string is returned, the stop string is not.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s.encode("utf-8") for s in stops]
-        self.buffer = bytearray()
-        self.emitted = 0
+        # State 0 is the root. _next[state][byte] -> state; _fail: the longest proper suffix
+        # that is also a trie state; _depth: the state's length; _hit: the longest stop
+        # string ending at this state (0: none).
+        self._next: list[dict[int, int]] = [{}]
+        self._depth = [0]
+        self._hit = [0]
+        for stop in self.stops:
+            state = 0
+            for byte in stop:
+                nxt = self._next[state].get(byte)
+                if nxt is None:
+                    nxt = len(self._next)
+                    self._next[state][byte] = nxt
+                    self._next.append({})
+                    self._depth.append(self._depth[state] + 1)
+                    self._hit.append(0)
+                state = nxt
+            self._hit[state] = len(stop)
+        self._fail = [0] * len(self._next)
+        order = list(self._next[0].values())  # breadth first: a state's fail link is shallower
+        for state in order:
+            for byte, child in self._next[state].items():
+                order.append(child)
+                if state == 0:
+                    continue
+                link = self._fail[state]
+                while link and byte not in self._next[link]:
+                    link = self._fail[link]
+                self._fail[child] = self._next[link].get(byte, 0)
+                self._hit[child] = max(self._hit[child], self._hit[self._fail[child]])
+        self._state = 0
+        self._pending = bytearray()  # bytes not yet emitted: always the last _depth[_state] ones
+        self.work = 0  # transitions taken, failure steps included (tests count it)
 
     def feed(self, data: bytes) -> tuple[bytes, bool]:
         """Adds output bytes; returns the bytes now safe to emit and whether a stop string was hit."""
         if not self.stops:
             return data, False
-        self.buffer += data
-        hit = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if hit >= 0:
-            out = bytes(self.buffer[self.emitted : hit])
-            self.emitted = hit
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(stop[:size]):
-                    hold = max(hold, size)
-                    break
-        safe = len(self.buffer) - hold
-        out = bytes(self.buffer[self.emitted : safe]) if safe > self.emitted else b""
-        self.emitted = max(self.emitted, safe)
-        return out, False
+        out = bytearray()
+        pending = self._pending
+        state = self._state
+        for byte in data:
+            self.work += 1
+            while state and byte not in self._next[state]:
+                state = self._fail[state]
+                self.work += 1
+            state = self._next[state].get(byte, 0)
+            pending.append(byte)
+            hit = self._hit[state]
+            if hit:
+                out += pending[: len(pending) - hit]
+                self._state, self._pending = 0, bytearray()
+                return bytes(out), True
+            release = len(pending) - self._depth[state]
+            if release:
+                out += pending[:release]
+                del pending[:release]
+        self._state = state
+        return bytes(out), False
 
     def flush(self) -> bytes:
-        out = bytes(self.buffer[self.emitted :])
-        self.emitted = len(self.buffer)
+        """The bytes held back as a possible start of a stop string (the stream ended otherwise)."""
+        out = bytes(self._pending)
+        self._pending.clear()
+        self._state = 0
         return out
-
-
