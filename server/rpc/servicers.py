@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from server.core.errors import PermissionDeniedError, ServerUnavailableError, UnsupportedError
-from server.core.generation import generation_args
+from server.core.generation import request_args
 from server.repository.registry import READY, ModelRegistry
 from server.rpc import converters, status
 from server.rpc.pb import grpc_service_pb2 as pb
@@ -126,6 +126,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None = None) -> pb.ModelInferResponse:
         model = self._registry.get(request.model_name, request.model_version)
+        if getattr(model, "generator", None) is not None:
+            return await self._generation_unary(model, request, deadline_s)
         infer_request = converters.infer_request_from_pb(request)
         response = await model.infer(infer_request, deadline_s)
         return converters.infer_response_to_pb(response)
@@ -189,6 +191,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
+    async def _generation_unary(
+        self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None
+    ) -> pb.ModelInferResponse:
+        """Unary ModelInfer on a generation model: the whole completion in one `text_output`."""
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            args = request_args(converters.infer_request_from_pb(request), model.validator.validate, default_stream=False)
+            pieces = [] if args.exclude_input else [args.prompt.decode("utf-8", "replace")]
+            async for chunk in model.generator.generate(args.prompt, args.params, deadline_s):
+                pieces.append(chunk.text)
+            ok = True
+        finally:
+            model.record_generation(ok, time.perf_counter_ns() - started)
+        response = converters.text_response_to_pb(model, request.id, "".join(pieces), final=True)
+        del response.parameters["triton_final_response"]  # a unary answer is not one of a series
+        return response
+
     async def _generation_responses(
         self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None = None
     ) -> AsyncIterator[pb.ModelInferResponse]:
@@ -205,11 +225,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _generation_stream(
         self, model: Any, request: pb.ModelInferRequest, deadline_s: float | None
     ) -> AsyncIterator[pb.ModelInferResponse]:
-        infer_request = converters.infer_request_from_pb(request)
-        model.validator.validate(infer_request)
-        args = generation_args({t.name: t.data for t in infer_request.inputs}, default_stream=True)
-        params = converters.params_from_pb(request.parameters)
-        empty_final = bool(params.get("triton_enable_empty_final_response", False))
+        args = request_args(converters.infer_request_from_pb(request), model.validator.validate, default_stream=True)
+        empty_final = args.empty_final
         pieces: list[str] = []
         async for chunk in model.generator.generate(args.prompt, args.params, deadline_s):
             last = chunk.finish_reason is not None
