@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,12 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from server.core.errors import ModelLoadError, ServerError
+from server.core.errors import ModelLoadError, ModelNotReadyError, ServerError
 from server.core.model import Model, ModelSignature, SignatureValidator, classify
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
 
 ENSEMBLE_PLATFORM = "ensemble"
+# Ensembles may use ensembles as steps up to this many levels (the outermost counts as one).
+# Loads refuse deeper nestings and cycles; requests check it too, so even ensembles that
+# two concurrent loads made refer to each other can never recurse without bound.
+MAX_ENSEMBLE_DEPTH = 8
+# How many ensembles deep the current request is (a context variable: each step task has its own copy).
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("ensemble_depth", default=0)
 
 
 @dataclass(frozen=True)
@@ -110,15 +117,20 @@ class EnsembleModel:
         """Runs the steps as their inputs become available and returns the requested outputs."""
         start = time.perf_counter_ns()
         ok = False
+        depth = _depth.get() + 1
+        token = _depth.set(depth)
         try:
+            if depth > MAX_ENSEMBLE_DEPTH:
+                raise ModelNotReadyError(
+                    f"ensemble '{self.name}' is nested more than {MAX_ENSEMBLE_DEPTH} ensembles deep (a cycle?)"
+                )
             self._validator.validate(request)
             requested = self._validator.requested_outputs(request.outputs)
             tensors: dict[str, InputTensor] = {t.name: t for t in request.inputs}
             remaining = list(self.steps)
             while remaining:
                 runnable = [s for s in remaining if all(t in tensors for t in s.input_map.values())]
-                results = await asyncio.gather(*(self._run_step(s, tensors, request, deadline_s) for s in runnable))
-                for produced in results:
+                for produced in await self._run_steps(runnable, tensors, request, deadline_s):
                     tensors.update(produced)
                 for step in runnable:
                     remaining.remove(step)
@@ -135,7 +147,26 @@ class EnsembleModel:
             ok = True
             return InferResponse(self.name, str(self.version), request.id, outputs)
         finally:
+            _depth.reset(token)
             self.stats.record_request(ok, time.perf_counter_ns() - start)
+
+    async def _run_steps(
+        self, steps: list[EnsembleStep], tensors: dict[str, InputTensor], request: InferRequest, deadline_s: float | None
+    ) -> list[dict[str, InputTensor]]:
+        """Runs independent steps concurrently; the first failure, or a cancelled request, cancels the rest."""
+        tasks = [asyncio.ensure_future(self._run_step(s, tensors, request, deadline_s)) for s in steps]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return [task.result() for task in tasks]
+        finally:
+            # A cancelled client request (or a failed step) leaves no step running or queued:
+            # a step cancelled while queued leaves its model's queue at once.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_step(
         self, step: EnsembleStep, tensors: dict[str, InputTensor], request: InferRequest, deadline_s: float | None
@@ -171,4 +202,4 @@ class EnsembleModel:
         """Nothing of its own to release."""
 
 
-__all__ = ["EnsembleModel", "EnsembleStep", "check_graph"]
+__all__ = ["EnsembleModel", "EnsembleStep", "MAX_ENSEMBLE_DEPTH", "check_graph"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from server.core.types import TensorSpec
 from server.runtime.base import Runtime
 from server.core.model import Model, ModelSignature
 from server.repository import config as model_config
-from server.repository.repository import DEFAULT_MODEL_FILENAME, ModelRepository
+from server.repository.repository import (
+    DEFAULT_MODEL_FILENAME,
+    LoadAbandonedError,
+    ModelRepository,
+    VersionLoadError,
+)
 from server.runtime import gate
 from server.runtime import onnx as ort_runtime
 from server.rpc.pb import model_config_pb2 as mc
@@ -51,6 +57,7 @@ def load_model(
     device: str,
     default_max_batch_size: int,
     config_override: mc.ModelConfig | None = None,
+    abandoned: threading.Event | None = None,
 ) -> list[Model]:
     """Loads, and warms up, every version of `name` that its version policy selects.
 
@@ -60,9 +67,12 @@ def load_model(
         device: The server's --device.
         default_max_batch_size: For fully auto-completed configs.
         config_override: Used instead of the config file (RepositoryModelLoad's `config`).
+        abandoned: Set when nobody waits for this load any more: the load stops between
+            instances and releases what it built (LoadAbandonedError).
 
     Raises:
-        ModelLoadError: with the reason, for anything that stops the model loading.
+        ModelLoadError: with the reason, for anything that stops the model loading;
+            VersionLoadError when one version is at fault.
         ModelNotFoundError / InvalidInputError: for a missing or invalid name.
     """
     if config_override is not None:
@@ -83,16 +93,30 @@ def load_model(
     filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
     if "/" in filename or "\\" in filename or filename in (".", ".."):
         raise ModelLoadError(f"default_model_filename must be a plain file name, got {filename!r}")
-    available = repository.version_dirs(name, filename)
-    if not available:
+    available, refused = repository.scan_versions(name, filename)
+    if not available and not refused:
         raise ModelLoadError(f"no numbered version directory holds {filename}")
-    versions = select_versions(config.version_policy, list(available))
-    models = []
+    # Refused versions (symlinks out of the model directory) count for the version policy,
+    # so a refused newest version is reported as failing rather than skipped silently.
+    versions = select_versions(config.version_policy, list(available) + list(refused))
+    models: list[Model] = []
     try:
         for version in versions:
+            if version in refused:
+                raise VersionLoadError(version, refused[version])
+            if abandoned is not None and abandoned.is_set():
+                raise LoadAbandonedError("load abandoned")
             version_config = mc.ModelConfig()
             version_config.CopyFrom(config)
-            models.append(_load_version(repository, name, version, available[version] / filename, version_config, device, default_max_batch_size))
+            try:
+                models.append(_load_version(
+                    repository, name, version, available[version] / filename, version_config, device,
+                    default_max_batch_size, abandoned,
+                ))
+            except LoadAbandonedError:
+                raise
+            except ModelLoadError as exc:
+                raise VersionLoadError(version, str(exc)) from exc
     except BaseException:
         for model in models:
             model.close()
@@ -108,6 +132,7 @@ def _load_version(
     config: mc.ModelConfig,
     device: str,
     default_max_batch_size: int,
+    abandoned: threading.Event | None = None,
 ) -> Model:
     options = model_config.session_options(config, device)
     # Read the files once: sessions are made from these bytes, never from the paths.
@@ -117,6 +142,9 @@ def _load_version(
         first = instances[0]
         model_config.complete_config(config, first.inputs, first.outputs, default_max_batch_size)
         for _ in range(model_config.instance_count(config) - 1):
+            # Building a session is slow blocking work: stop as soon as nobody waits for it.
+            if abandoned is not None and abandoned.is_set():
+                raise LoadAbandonedError("load abandoned")
             instances.append(ort_runtime.OnnxRuntimeSession(model_bytes, model_path.parent, options))
         inputs, outputs = model_config.tensor_specs(config)
         labels = {o.name: repository.label_file(name, o.label_filename) for o in outputs if o.label_filename}

@@ -120,6 +120,8 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        # One event per load in progress: set to make its build stop (see load()).
+        self._building: set[threading.Event] = set()
         self._on_change = on_change
 
     def _changed(self) -> None:
@@ -127,15 +129,45 @@ class ModelRegistry:
             self._on_change()
 
     async def load_all(self, names: list[str] | None = None) -> None:
-        """Loads the named models (default: every model in the repository); failures are recorded."""
-        for name in names if names is not None else self.repository.model_names():
+        """Loads the named models (default: every model in the repository); failures are recorded.
+
+        Plain models load first, then ensembles after the models their steps name, so an
+        ensemble finds its steps ready.
+        """
+        for name in self._ordered(names if names is not None else self.repository.model_names()):
             try:
                 await self.load(name)
             except ServerError as exc:
                 logger.error("model '%s' not loaded: %s", name, exc)
 
+    def _ordered(self, names: list[str]) -> list[str]:
+        """`names` with plain models first, then ensembles, each after the ensembles it uses."""
+        steps: dict[str, set[str]] = {}
+        plain = []
+        for name in names:
+            try:
+                config = self.repository.read_config(name)
+            except ServerError:
+                config = None
+            if config is not None and (config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling")):
+                steps[name] = {s.model_name for s in config.ensemble_scheduling.step}
+            else:
+                plain.append(name)
+        ordered = list(plain)
+        pending = [n for n in names if n in steps]
+        while pending:
+            ready = [n for n in pending if not (steps[n] & set(pending)) - {n}]
+            # Whatever waits on itself (a cycle) goes last and is refused by the load.
+            ready = ready or list(pending)
+            ordered += ready
+            pending = [n for n in pending if n not in ready]
+        return ordered
+
     async def load(self, name: str, config_override: mc.ModelConfig | None = None) -> ModelEntry:
         """Loads or reloads one model; while a reload runs, the current versions keep serving.
+
+        A load whose caller is cancelled (client gone, server stopping) is abandoned: the
+        build stops at its next instance and what it built is released.
 
         Raises:
             InvalidInputError / ModelNotFoundError: bad name, or no such directory.
@@ -152,24 +184,58 @@ class ModelRegistry:
                 self._entries[name] = ModelEntry(name, LOADING)
             self._changed()
             stamp = fingerprint(self.repository, name)
+            abandoned = threading.Event()
+            self._building.add(abandoned)
+            build = asyncio.ensure_future(asyncio.to_thread(self._build, name, config_override, abandoned))
             try:
-                models = await asyncio.to_thread(self._build, name, config_override)
+                # Shielded: on cancellation the thread cannot be interrupted, so it is told to
+                # stop (abandoned) and whatever it still returns is closed when it ends.
+                models = await asyncio.shield(build)
+                try:
+                    for model in models:
+                        if isinstance(model, EnsembleModel):
+                            # On the event loop with no await before the swap below: no other
+                            # load can change the ensembles between this check and the swap.
+                            self._check_ensemble(model)
+                except BaseException:
+                    await asyncio.to_thread(_close_all, models)
+                    raise
+            except asyncio.CancelledError:
+                abandoned.set()
+                build.add_done_callback(_close_abandoned)
+                if serving is not None:
+                    serving.reloading = False
+                elif previous is not None:
+                    self._entries[name] = previous
+                else:
+                    del self._entries[name]
+                logger.warning("load of model '%s' abandoned: the request was cancelled or the server is stopping", name)
+                self._changed()
+                raise
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, ServerError) else f"internal error while loading: {type(exc).__name__}"
                 if not isinstance(exc, ServerError):
                     logger.exception("model '%s' failed to load", name)
                 else:
                     logger.error("model '%s' failed to load: %s", name, reason)
+                failed_version = exc.version if isinstance(exc, VersionLoadError) else None
                 if serving is not None:
                     serving.reloading = False
                     serving.reload_error = reason
+                    serving.failed_version = failed_version
                     serving.fingerprint = stamp  # do not retry the same files on every poll
                 else:
-                    self._entries[name] = ModelEntry(name, UNAVAILABLE, reason=reason, fingerprint=stamp)
+                    waits_for = exc.models if isinstance(exc, StepNotReadyError) else ()
+                    self._entries[name] = ModelEntry(
+                        name, UNAVAILABLE, reason=reason, failed_version=failed_version, fingerprint=stamp,
+                        waits_for=waits_for,
+                    )
                 self._changed()
                 if isinstance(exc, ServerError) and not isinstance(exc, ModelLoadError):
                     raise
                 raise ModelLoadError(f"failed to load '{name}': {reason}") from exc
+            finally:
+                self._building.discard(abandoned)
             # The swap: one assignment on the event loop; requests that already hold an
             # old version finish on it.
             entry = ModelEntry(name, READY, versions={m.version: m for m in models}, fingerprint=stamp)
@@ -180,11 +246,14 @@ class ModelRegistry:
             self._changed()
             return entry
 
-    def _build(self, name: str, config_override: mc.ModelConfig | None) -> list[ServedModel]:
+    def _build(self, name: str, config_override: mc.ModelConfig | None, abandoned: threading.Event) -> list[ServedModel]:
+        self.repository.check_links(name)
         config = config_override if config_override is not None else self.repository.read_config(name)
         if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
             return [self._build_ensemble(name, config)]
-        return list(load_model(self.repository, name, self._device, self._default_max_batch_size, config_override))
+        return list(load_model(
+            self.repository, name, self._device, self._default_max_batch_size, config_override, abandoned,
+        ))
 
     def _build_ensemble(self, name: str, source: mc.ModelConfig) -> EnsembleModel:
         config = mc.ModelConfig()
@@ -204,10 +273,65 @@ class ModelRegistry:
         ]
         check_graph([i.name for i in inputs], [o.name for o in outputs], steps)
         labels = {o.name: self.repository.label_file(name, o.label_filename) for o in outputs if o.label_filename}
-        model_dir = self.repository.model_dir(name)
-        version = max((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=1)
+        version = max(self.repository.numbered_dirs(name), default=1)
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
         return EnsembleModel(name, version, signature, steps, self.get, config)
+
+    def _check_ensemble(self, model: EnsembleModel) -> None:
+        """Refuses an ensemble whose steps name models that are not ready, itself, a cycle, or nest too deep.
+
+        Raises:
+            StepNotReadyError: a step's model is not loaded and ready (poll mode retries later).
+            ModelLoadError: a step names the ensemble itself, a missing version, a cycle or too deep a nesting.
+        """
+        for index, step in enumerate(model.steps, 1):
+            label = f"step {index} (model {quoted(step.model_name)})"
+            if step.model_name == model.name:
+                raise ModelLoadError(f"{label} is the ensemble itself: ensembles may not form a cycle")
+            if not VALID_MODEL_NAME.match(step.model_name):
+                raise ModelLoadError(f"{label} names an invalid model name")
+            entry = self._entries.get(step.model_name)
+            if entry is None or entry.state != READY or not entry.versions:
+                why = "does not exist or is not loaded" if entry is None else f"is not ready ({entry.state.lower()})"
+                raise StepNotReadyError(f"{label}: that model {why}", (step.model_name,))
+            if 0 < step.model_version and step.model_version not in entry.versions:
+                served = ", ".join(str(v) for v in sorted(entry.versions))
+                raise ModelLoadError(f"{label} asks for version {step.model_version}, which is not served (serving: {served})")
+        self._nesting(model.name, model.steps, (model.name,), {})
+
+    def _nesting(self, name: str, steps: list[EnsembleStep], chain: tuple[str, ...], known: dict[str, int]) -> int:
+        """How many ensembles deep the steps nest below `chain`; refuses cycles and depths over the bound."""
+        deepest = 0
+        for step in steps:
+            entry = self._entries.get(step.model_name)
+            for served in (entry.versions.values() if entry is not None else ()):
+                if not isinstance(served, EnsembleModel):
+                    continue
+                if served.name in chain:
+                    path = " -> ".join((*chain, served.name))
+                    raise ModelLoadError(f"ensembles may not form a cycle: {path}")
+                if len(chain) >= MAX_ENSEMBLE_DEPTH:
+                    raise ModelLoadError(
+                        f"ensembles nest more than {MAX_ENSEMBLE_DEPTH} deep: {' -> '.join((*chain, served.name))}"
+                    )
+                if served.name not in known:
+                    known[served.name] = 1 + self._nesting(name, served.steps, (*chain, served.name), known)
+                deepest = max(deepest, known[served.name])
+        return deepest
+
+    def _steps_ready(self, model: EnsembleModel, depth: int = 0) -> str:
+        """Why an ensemble cannot serve now (a step's model is not ready), or "" when it can."""
+        for step in model.steps:
+            version = str(step.model_version) if step.model_version > 0 else ""
+            try:
+                served = self.get(step.model_name, version)
+            except ServerError as exc:
+                return f"step model {quoted(step.model_name)} is not ready: {exc}"
+            if isinstance(served, EnsembleModel) and depth < MAX_ENSEMBLE_DEPTH:
+                why = self._steps_ready(served, depth + 1)
+                if why:
+                    return why
+        return ""
 
     def _retire(self, models: list[ServedModel]) -> None:
         if models:
@@ -233,7 +357,7 @@ class ModelRegistry:
             ModelNotFoundError: the model is not loaded.
         """
         if not VALID_MODEL_NAME.match(name or ""):
-            raise InvalidInputError(f"invalid model name {name!r}")
+            raise InvalidInputError(f"invalid model name {quoted(name)}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             entry = self._entries.get(name)
@@ -248,9 +372,22 @@ class ModelRegistry:
     async def poll(self) -> None:
         """One pass of poll mode: load new models, reload changed ones, unload removed ones."""
         on_disk = set(self.repository.model_names())
+        changed = []
         for name in sorted(on_disk):
             entry = self._entries.get(name)
             if entry is None or (entry.fingerprint != fingerprint(self.repository, name) and not entry.reloading):
+                changed.append(name)
+        for name in self._ordered(changed):
+            try:
+                await self.load(name)
+            except ServerError as exc:
+                logger.warning("poll: %s", exc)
+        # Ensembles refused because a step's model was not ready yet: retry once it is.
+        for name in sorted(on_disk):
+            entry = self._entries.get(name)
+            if entry is not None and entry.state == UNAVAILABLE and entry.waits_for and all(
+                (step := self._entries.get(n)) is not None and step.state == READY for n in entry.waits_for
+            ):
                 try:
                     await self.load(name)
                 except ServerError as exc:
@@ -268,7 +405,7 @@ class ModelRegistry:
             ModelNotReadyError: the model exists but is not serving.
         """
         if not VALID_MODEL_NAME.match(name or ""):
-            raise InvalidInputError(f"invalid model name {name!r}") if name else InvalidInputError("model name is empty")
+            raise InvalidInputError(f"invalid model name {quoted(name)}") if name else InvalidInputError("model name is empty")
         entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFoundError(f"unknown model '{name}'")
@@ -277,21 +414,26 @@ class ModelRegistry:
             raise ModelNotReadyError(f"model '{name}' is not ready ({entry.state.lower()}){reason}")
         if not version:
             return entry.versions[max(entry.versions)]
-        if not version.isdigit():
-            raise InvalidInputError(f"model version must be a number, got {version!r}")
-        model = entry.versions.get(int(version))
+        number = parse_version(version)
+        if number is None:
+            # As Triton: a version that is not a number is the client's mistake (INVALID_ARGUMENT);
+            # a well-formed number that is not served is NOT_FOUND.
+            raise InvalidInputError(
+                f"model version must be a decimal number of ASCII digits up to {MAX_VERSION}, got {quoted(version)}"
+            )
+        model = entry.versions.get(number)
         if model is None:
             served = ", ".join(str(v) for v in sorted(entry.versions))
             raise ModelNotFoundError(f"model '{name}' has no version {version}; serving: {served}")
         return model
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether get(name, version) would succeed."""
+        """Whether get(name, version) would succeed (and, for an ensemble, every step's model is ready)."""
         try:
-            self.get(name, version)
+            model = self.get(name, version)
         except ServerError:
             return False
-        return True
+        return not (isinstance(model, EnsembleModel) and self._steps_ready(model))
 
     def entries(self) -> list[ModelEntry]:
         """Every known model, sorted by name."""
@@ -317,22 +459,60 @@ class ModelRegistry:
                     rows.append(IndexEntry(name, "", UNAVAILABLE, "not loaded"))
                 continue
             if entry.state == READY:
-                rows.extend(IndexEntry(name, str(v), READY, "") for v in sorted(entry.versions))
+                for version, model in sorted(entry.versions.items()):
+                    why = self._steps_ready(model) if isinstance(model, EnsembleModel) else ""
+                    if not why:
+                        rows.append(IndexEntry(name, str(version), READY, ""))
+                    elif not ready_only:
+                        rows.append(IndexEntry(name, str(version), UNAVAILABLE, why))
                 if not ready_only and entry.reloading:
                     rows.append(IndexEntry(name, "", LOADING, "a new version is loading; the current one serves"))
                 elif not ready_only and entry.reload_error:
-                    rows.append(IndexEntry(name, "", UNAVAILABLE, f"reload failed, still serving: {entry.reload_error}"))
+                    served = ", ".join(str(v) for v in sorted(entry.versions))
+                    failed = entry.failed_version
+                    # The failed version's own row, as Triton reports it; "" when that version
+                    # number is also the one still serving (its READY row stays).
+                    row_version = str(failed) if failed is not None and failed not in entry.versions else ""
+                    rows.append(IndexEntry(
+                        name, row_version, UNAVAILABLE,
+                        f"reload failed, still serving version(s) {served}: {entry.reload_error}",
+                    ))
             elif not ready_only:
-                rows.append(IndexEntry(name, "", entry.state, entry.reason))
+                failed_row = str(entry.failed_version) if entry.failed_version is not None else ""
+                rows.append(IndexEntry(name, failed_row, entry.state, entry.reason))
+        if not ready_only:
+            for name in self.repository.invalid_names():
+                shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                rows.append(IndexEntry(
+                    shown, "", UNAVAILABLE,
+                    f"not loaded: invalid model name {quoted(shown)} (a name is 1-128 ASCII letters, digits, '_', '.'"
+                    " or '-', not starting with '.' or '-')",
+                ))
         return rows
 
     async def close(self) -> None:
         """Releases every model (after the requests they admitted)."""
+        for abandoned in self._building:
+            abandoned.set()
         entries, self._entries = list(self._entries.values()), {}
         for entry in entries:
             self._retire(list(entry.versions.values()))
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _close_all(models: list[ServedModel]) -> None:
+    for model in models:
+        model.close()
+
+
+def _close_abandoned(build: asyncio.Future[list[ServedModel]]) -> None:
+    """Done-callback of an abandoned build: releases what it built anyway (off the event loop)."""
+    if build.cancelled() or build.exception() is not None:
+        return  # the build stopped early and closed what it had built itself
+    models = build.result()
+    logger.info("closing %d version(s) built by an abandoned load", len(models))
+    asyncio.get_running_loop().run_in_executor(None, _close_all, models)
 
 
 __all__ = ["ModelRegistry", "ModelEntry", "IndexEntry", "ServedModel"]

@@ -12,7 +12,13 @@ from exporters.graphs import export_graph, identity_model, suffix_model
 from server.core.errors import InvalidInputError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from server.repository.loader import load_model, select_versions
 from server.repository.registry import ModelRegistry
-from server.repository.repository import ModelRepository, parse_config
+from server.repository.repository import (
+    LoadAbandonedError,
+    ModelRepository,
+    VersionLoadError,
+    parse_config,
+    parse_version,
+)
 from server.rpc.pb import model_config_pb2 as mc
 
 PBTXT = """
@@ -139,7 +145,8 @@ async def test_registry_serves_versions_and_survives_a_broken_model(repo: ModelR
             registry.get("bad")
         rows = {(r.name, r.version): r for r in registry.index()}
         assert rows[("ident", "1")].state == rows[("ident", "2")].state == "READY"
-        assert rows[("bad", "")].state == "UNAVAILABLE"
+        # The failing version's own row, as Triton reports it.
+        assert rows[("bad", "1")].state == "UNAVAILABLE" and "version 1" in rows[("bad", "1")].reason
         assert [r.name for r in registry.index(ready_only=True)] == ["ident", "ident", "text"]
     finally:
         await registry.close()
@@ -152,3 +159,95 @@ def test_loaded_model_does_not_read_its_file_again(repo: ModelRepository) -> Non
 
     assert model._instances[0].run({"in_fp32": np.ones((1, 3), np.float32)}, ["out_fp32"])[0].tolist() == [[1, 1, 1]]
     model.close()
+
+
+@pytest.mark.parametrize("text", ["1", "007", "9223372036854775807"])
+def test_ascii_decimal_versions_parse(text: str) -> None:
+    assert parse_version(text) == int(text)
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "1\u0661", "-1", "+1", " 1", "1.0", "", "9223372036854775808", "9" * 5000])
+def test_anything_else_is_not_a_version(text: str) -> None:
+    assert parse_version(text) is None
+
+
+def test_version_folders_with_non_ascii_digits_are_not_versions(repo: ModelRepository) -> None:
+    shutil.copytree(repo.root / "ident" / "1", repo.root / "ident" / "\u0662")
+    shutil.copytree(repo.root / "ident" / "1", repo.root / "ident" / "\u00b3")
+    assert repo.scan_versions("ident", "model.onnx") == ({1: repo.root / "ident" / "1"}, {})
+
+
+def test_symlinks_out_of_the_model_directory_are_refused_and_inside_allowed(repo: ModelRepository, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(repo.root / "ident" / "1", outside)
+    ident = repo.root / "ident"
+    (ident / "2").symlink_to(outside)
+    (ident / "3").mkdir()
+    (ident / "3" / "model.onnx").symlink_to(outside / "model.onnx")
+    (ident / "4").symlink_to(ident / "1")  # inside the model directory: allowed
+    usable, refused = repo.scan_versions("ident", "model.onnx")
+    assert usable == {1: ident / "1", 4: ident / "4"}
+    assert "folder '2'" in refused[2] and "outside the model directory" in refused[2]
+    assert "'3/model.onnx'" in refused[3]
+    shutil.copytree(ident / "1", ident / "01")
+    assert "all name version 1" in repo.scan_versions("ident", "model.onnx")[1][1]
+
+
+def test_a_refused_newest_version_fails_the_load_naming_the_file(repo: ModelRepository, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(repo.root / "ident" / "1", outside)
+    (repo.root / "ident" / "2").symlink_to(outside)
+    with pytest.raises(VersionLoadError, match="version 2: folder '2' is a symbolic link") as err:
+        load_model(repo, "ident", "cpu", 8)
+    assert err.value.version == 2
+
+
+def test_config_symlink_out_of_the_model_directory_is_refused(repo: ModelRepository, tmp_path: Path) -> None:
+    config = repo.root / "ident" / "config.pbtxt"
+    (tmp_path / "elsewhere.pbtxt").write_text(config.read_text())
+    config.unlink()
+    config.symlink_to(tmp_path / "elsewhere.pbtxt")
+    with pytest.raises(ModelLoadError, match="'config.pbtxt' is a symbolic link that leads outside"):
+        repo.read_config("ident")
+
+
+def test_fingerprint_follows_symlinked_version_folders(repo: ModelRepository, tmp_path: Path) -> None:
+    ident = repo.root / "ident"
+    before = repo.fingerprint("ident")
+    shutil.copytree(ident / "1", tmp_path / "staged")
+    (ident / "staged").symlink_to(ident / "1")  # not a version, but a folder inside: followed too
+    assert repo.fingerprint("ident") != before
+    middle = repo.fingerprint("ident")
+    (ident / "1" / "model.onnx").write_bytes((ident / "1" / "model.onnx").read_bytes() + b"")
+    import os
+
+    os.utime(ident / "1" / "model.onnx", ns=(1, 1))
+    assert repo.fingerprint("ident") != middle
+
+
+def test_an_abandoned_load_stops_between_instances_and_closes_them(repo: ModelRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from server.repository import loader
+
+    (repo.root / "ident" / "config.pbtxt").write_text("instance_group [{ count: 4 kind: KIND_CPU }]")
+    abandoned = threading.Event()
+    built: list[object] = []
+    closed: list[object] = []
+    real = loader.ort_runtime.OnnxRuntimeSession
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            if len(built) == 2:
+                abandoned.set()  # the client goes away while the second instance is built
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(loader.ort_runtime, "OnnxRuntimeSession", Counting)
+    with pytest.raises(LoadAbandonedError):
+        load_model(repo, "ident", "cpu", 8, abandoned=abandoned)
+    assert len(built) == 2 and closed == built
