@@ -382,3 +382,105 @@ async def test_a_failed_step_fails_its_streams_and_the_model_goes_on(model_dir: 
     after = await collect(scheduler, b"a", GREEDY)  # the model thread survived the failure
     assert after[-1].finish_reason == "length" and after[-1].completion_tokens == 24
     scheduler.close()
+
+
+async def test_a_row_whose_draw_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The batched draw fails whenever a row carries top_k 77 (a stand-in for any per-row fault):
+    # the scheduler then draws row by row, and only that row's stream fails.
+    import server.core.generation as generation
+
+    real_draw = generation.draw
+
+    def draw(logits, columns, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if 77 in columns.top_ks:
+            raise ValueError("simulated per-row failure")
+        return real_draw(logits, columns, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "draw", draw)
+    scheduler = example_scheduler()
+    alone = [output_ids(await collect(scheduler, p, GREEDY)) for p in (b"a", b"def ", b"import ")]
+    bad = SamplingParams(temperature=0.7, top_k=77, max_tokens=24, ignore_eos=True)
+    results = await asyncio.gather(
+        collect(scheduler, b"a", GREEDY), collect(scheduler, b"x", bad), collect(scheduler, b"def ", GREEDY),
+        collect(scheduler, b"import ", GREEDY), return_exceptions=True,
+    )
+    assert isinstance(results[1], ServerError) and "failed for this request" in str(results[1])
+    good = [results[0], results[2], results[3]]
+    assert all(isinstance(r, list) and r[-1].finish_reason == "length" for r in good), good
+    assert [output_ids(r) for r in good] == alone  # the others got exactly their own tokens
+    scheduler.close()
+
+
+async def test_a_row_whose_token_handling_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = example_scheduler()
+    real_accept = scheduler._accept
+
+    def accept(stream: Stream, token: int, interval: int) -> TokenChunk | None:
+        if stream.params.seed == 666 and len(stream.output_ids) == 5:
+            raise RuntimeError("simulated failure")
+        return real_accept(stream, token, interval)
+
+    monkeypatch.setattr(scheduler, "_accept", accept)
+    doomed = dataclasses.replace(GREEDY, seed=666)
+    results = await asyncio.gather(
+        collect(scheduler, b"a", GREEDY), collect(scheduler, b"b", doomed), collect(scheduler, b"c", GREEDY),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], ServerError)
+    assert all(isinstance(r, list) and r[-1].completion_tokens == 24 for r in (results[0], results[2]))
+    scheduler.close()
+
+
+async def test_busy_covers_waiting_and_active_streams(model_dir: Path) -> None:
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)
+    scheduler = GenerationScheduler(gated, json.loads((model_dir / "generation.json").read_text()))
+    assert not scheduler.busy
+    task = asyncio.create_task(collect(scheduler, b"a", GREEDY))
+    await wait_until(lambda: gated.entered == 1, "the prefill to reach the gate")
+    assert scheduler.busy  # admitted, in its prefill (neither waiting nor in the batch yet)
+    gated.permits.release(1000)
+    await task
+    assert not scheduler.busy
+    scheduler.close()
+
+
+async def test_max_tokens_beyond_the_context_is_refused(scheduler) -> None:
+    with pytest.raises(InvalidInputError, match="context"):
+        await collect(scheduler, b"a", SamplingParams(max_tokens=TINY.context_length + 1))
+
+
+def _args(sampling: Any = None, parameters: dict | None = None, **tensors: Any):  # type: ignore[no-untyped-def]
+    from server.core.generation import generation_args
+
+    inputs = {"text_input": np.array([b"hi"], dtype=object)}
+    if sampling is not None:
+        text = sampling if isinstance(sampling, str) else json.dumps(sampling)
+        inputs["sampling_parameters"] = np.array([text.encode()], dtype=object)
+    inputs.update({k: np.array([v]) for k, v in tensors.items()})
+    return generation_args(inputs, default_stream=True, parameters=parameters)
+
+
+def test_generation_args_reads_every_source_and_refuses_conflicts() -> None:
+    args = _args({"temperature": 0.5, "stop": "x", "top_k": 40.0, "stream": False}, {"seed": 9, "min_tokens": 2}, max_tokens=np.int32(7))
+    assert (args.params.temperature, args.params.stop, args.params.top_k, args.params.seed) == (0.5, ("x",), 40, 9)
+    assert (args.params.max_tokens, args.params.min_tokens, args.stream) == (7, 2, False)
+    assert _args(parameters={"triton_enable_empty_final_response": True, "priority": 0}).empty_final
+    for sampling, parameters, tensors, match in [
+        ({"max_tokens": 5}, None, {"max_tokens": np.int32(6)}, "given twice"),
+        ({"stream": True}, None, {"stream": False}, "given twice"),
+        (None, {"top_k": 3}, {}, None),
+        ('{"temperature": NaN}', None, {}, "temperature"),
+        ('{"top_k": 1e30}', None, {}, "top_k"),
+        ('{"max_tokens": 1e400}', None, {}, "max_tokens"),
+        ("[" * 5000 + "]" * 5000, None, {}, "nested"),
+        ({"stop": ["a"] * 17}, None, {}, "16"),
+        (None, {"sequence_id": 3}, {}, "sequence_id"),
+        (None, {"timeout": 100}, {}, "timeout"),
+        (None, {"temperature": True}, {}, "temperature"),
+    ]:
+        if match is None:
+            assert _args(sampling, parameters, **tensors).params.top_k == 3
+            continue
+        with pytest.raises(InvalidInputError, match=match):
+            _args(sampling, parameters, **tensors)

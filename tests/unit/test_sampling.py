@@ -86,3 +86,59 @@ def test_compiled_draw_rejects_bad_arguments() -> None:
         _sampling.sample_rows(logits, [4], *row[1:])  # one item per row
     with pytest.raises(TypeError):
         _sampling.sample_rows(logits, ["x", 4], *row[1:])
+
+
+def test_bounds_of_every_setting() -> None:
+    import pytest
+
+    from server.core.errors import InvalidInputError
+
+    for bad in [
+        dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=100.5), dict(temperature=-1e-9),
+        dict(repetition_penalty=float("nan")), dict(repetition_penalty=0.0), dict(repetition_penalty=1e9),
+        dict(top_p=float("nan")), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-1), dict(top_k=2**31),
+        dict(max_tokens=0), dict(max_tokens=2**31), dict(min_tokens=65), dict(seed=2**64), dict(seed=-1),
+        dict(stop=("",)), dict(stop=("s",) * 17), dict(stop=("é" * 65,)), dict(ignore_eos=1),
+        dict(top_k=True), dict(temperature="1"),
+    ]:
+        with pytest.raises(InvalidInputError):
+            SamplingParams(**bad).check()  # type: ignore[arg-type]
+    for good in [
+        dict(temperature=0.0), dict(temperature=100.0), dict(repetition_penalty=0.01), dict(repetition_penalty=100.0),
+        dict(top_k=2**31 - 1), dict(stop=("x" * 128,) * 16), dict(seed=2**64 - 1), dict(min_tokens=64),
+    ]:
+        SamplingParams(**good).check()  # type: ignore[arg-type]
+
+
+def test_tiny_temperatures_are_greedy_in_both_draws() -> None:
+    logits = np.array([[1.0, 3.0, 2.9, -1.0, 0.5]], np.float32) * 1e3
+    for compiled in (True, False):
+        picks = sample_batch(logits, [SamplingParams(temperature=1e-300)], [[]], [np.random.default_rng(0)], [5], compiled)
+        assert picks == [1]
+
+
+def test_stop_matching_work_does_not_grow_with_the_number_of_stop_strings() -> None:
+    from server.core.sampling import StopMatcher
+
+    data = bytes(np.random.default_rng(0).integers(97, 100, 20_000, dtype=np.uint8))  # a, b, c only
+    few = StopMatcher(["abcabcabcz"])
+    many = StopMatcher(["abcabcabc" + chr(100 + i) + "x" * 100 for i in range(16)])
+    for matcher in (few, many):
+        out = b"".join(matcher.feed(data[i : i + 3])[0] for i in range(0, len(data), 3)) + matcher.flush()
+        assert out == data  # nothing matched; everything held back was released
+        # One transition per byte, plus failure steps that never outnumber the bytes fed.
+        assert matcher.work <= 2 * len(data)
+
+
+def test_stop_matcher_semantics() -> None:
+    from server.core.sampling import StopMatcher
+
+    matcher = StopMatcher(["END", "NDX"])
+    assert matcher.feed(b"aEN") == (b"a", False)  # "EN" may start "END"; "N" may start "NDX"
+    assert matcher.feed(b"DX") == (b"a"[:0], True)  # "END" completes first; the text before it was sent
+    matcher = StopMatcher(["aab"])
+    assert matcher.feed(b"aaa") == (b"a", False) and matcher.feed(b"b") == (b"", True)
+    matcher = StopMatcher(["xyz"])
+    assert matcher.feed(b"1xy") == (b"1", False) and matcher.flush() == b"xy"
+    matcher = StopMatcher(["bc", "abcd"])
+    assert matcher.feed(b"zabcd") == (b"za", True)  # the first stop string to complete wins
