@@ -91,6 +91,29 @@ class SignatureValidator:
             raise InvalidInputError(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
         return batch_sizes.pop() if batch_sizes else 0
 
+    def model_inputs(self, request: InferRequest) -> dict[str, np.ndarray]:
+        """A validated request's inputs in the shapes the model has (each input's `reshape` applied)."""
+        batched = self.signature.max_batch_size > 0
+        return {t.name: to_model_shape(self.inputs[t.name], t.data, batched) for t in request.inputs}
+
+    def wire_output(self, name: str, data: np.ndarray) -> np.ndarray:
+        """A model output in the shape the config's `dims` give it (its `reshape` undone).
+
+        Raises:
+            ModelRunError: the model's output does not have the shape the config's reshape states.
+        """
+        spec = self.outputs[name]
+        if spec.reshape is None:
+            return data
+        lead = data.shape[:1] if self.signature.max_batch_size > 0 else ()
+        inner = tuple(data.shape[len(lead):])
+        if not _dims_match(inner, spec.reshape):
+            raise ModelRunError(
+                f"output '{name}' of model '{self.name}' has shape {list(data.shape)}, not the config's "
+                f"reshape {list(spec.reshape)}"
+            )
+        return data.reshape(lead + map_shape(inner, spec.reshape, spec.dims))
+
     def requested_outputs(self, requested: list[RequestedOutput]) -> list[RequestedOutput]:
         if not requested:
             return [RequestedOutput(s.name) for s in self.signature.outputs]
@@ -177,7 +200,7 @@ class Model:
             outputs = self.validator.requested_outputs(request.outputs)
             priority, timeout_us = _scheduling_parameters(request.parameters)
             results = await self.scheduler.submit(
-                {t.name: t.data for t in request.inputs},
+                self.validator.model_inputs(request),
                 batch_size,
                 [o.name for o in outputs],
                 priority=priority,
@@ -220,6 +243,7 @@ class Model:
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
         spec = self.validator.outputs[requested.name]
+        data = self.validator.wire_output(requested.name, data)
         if requested.classification_count > 0:
             labels = self.signature.labels.get(spec.name, [])
             data = classify(data, requested.classification_count, labels, self.signature.max_batch_size > 0)
@@ -248,6 +272,25 @@ def _scheduling_parameters(parameters: dict[str, ParamValue]) -> tuple[int, int]
             raise InvalidInputError(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
         values.append(value)
     return values[0], values[1]
+
+
+def map_shape(shape: tuple[int, ...], source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]:
+    """`target` with its variable (-1) dims filled in order from `shape`'s dims where `source` is -1.
+
+    `shape` must match the `source` pattern; the config check (one -1 in
+    `target` per -1 in `source`, equal fixed element counts) makes the result
+    hold exactly the elements of `shape`.
+    """
+    variable = iter([d for d, pattern in zip(shape, source) if pattern == -1])
+    return tuple(next(variable) if d == -1 else d for d in target)
+
+
+def to_model_shape(spec: TensorSpec, data: np.ndarray, batched: bool) -> np.ndarray:
+    """A validated input (wire shape `spec.dims`) as the model takes it (`spec.reshape`), batch dim kept."""
+    if spec.reshape is None:
+        return data
+    lead = data.shape[:1] if batched else ()
+    return data.reshape(lead + map_shape(tuple(data.shape[len(lead):]), spec.dims, spec.reshape))
 
 
 def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:

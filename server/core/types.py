@@ -74,6 +74,8 @@ class TensorSpec:
         dims: Shape without the batch dimension when the model batches; -1 is variable.
         label_filename: For outputs, the label file named by the config ("" if none).
         optional: For inputs, whether a request may leave it out.
+        reshape: The model's own shape (after the batch dimension) when the config's
+            `reshape` differs from `dims`; None when the model has `dims`.
     """
 
     name: str
@@ -81,3 +83,4 @@ class TensorSpec:
     dims: tuple[int, ...]
     label_filename: str = ""
     optional: bool = False
+    reshape: tuple[int, ...] | None = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from server.core import datatypes
 from server.core.batcher import QueuePolicy, SchedulerConfig
-from server.core.errors import ModelLoadError
+from server.core.errors import ModelLoadError, quoted
 from server.core.types import TensorSpec
 from server.runtime import onnx as ort_runtime
 from server.runtime.base import GraphTensor
@@ -16,6 +17,30 @@ from server.rpc.pb import model_config_pb2 as mc
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
+
+# Bounds on what a config may ask for. Configs also arrive over the network
+# (RepositoryModelLoad's `config`), so each value that makes the server build,
+# allocate or wait in proportion to it is capped; beyond, the load is refused.
+MAX_BATCH_SIZE = 1 << 20
+MAX_QUEUE_SIZE = 10_000  # the scheduler's hard limit per model version (loader.HARD_QUEUE_LIMIT)
+MAX_QUEUE_DELAY_US = 60_000_000  # 60 s
+MAX_QUEUE_TIMEOUT_US = 3_600_000_000  # 1 h
+MAX_PRIORITY_LEVELS = 256  # one queue each
+MAX_PREFERRED_BATCH_SIZES = 64
+MAX_WARMUP_SAMPLES = 64
+MAX_WARMUP_COUNT = 1_000  # runs of one sample per instance
+MAX_WARMUP_ELEMENTS = 1 << 24  # elements of one warm-up input, batch included
+MAX_GENERATION_SEQS = 1_024
+
+
+def max_instances() -> int:
+    """Most instances (sessions, each a copy of the model) one model version may have."""
+    return max(4 * (os.cpu_count() or 1), 16)
+
+
+def max_threads() -> int:
+    """Most intra-/inter-op threads one session may ask for."""
+    return max(4 * (os.cpu_count() or 1), 64)
 # Triton's ORT backend meaning of optimization.graph.level.
 _TRITON_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended"}
 
@@ -77,6 +102,9 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
                 f"config {kind} '{entry.name}' is {mc.DataType.Name(entry.data_type)} but the model has {tensor.type_name}"
             )
         graph_dims = _graph_dims(tensor, batching, kind)
+        if entry.HasField("reshape"):
+            _check_reshape(entry, graph_dims, kind)
+            continue
         if not entry.dims:
             entry.dims.extend(graph_dims)
         elif len(entry.dims) != len(graph_dims):
@@ -99,6 +127,31 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
             entry.dims.extend(_graph_dims(tensor, batching, kind))
 
 
+def _check_reshape(entry: Any, graph_dims: Sequence[int], kind: str) -> None:
+    """Checks a tensor's `reshape` (the model's shape) against its `dims` (the wire shape) and the graph.
+
+    Triton's rule: the model sees `reshape.shape`, requests and responses carry
+    `dims`, both after the batch dimension. Variable dimensions (-1) pair up in
+    order, so both must have as many, and the fixed dimensions must hold the same
+    number of elements: then every wire shape maps to exactly one model shape.
+    """
+    dims, shape = list(entry.dims), list(entry.reshape.shape)
+    where = f"config {kind} '{entry.name}'"
+    if not dims:
+        raise ModelLoadError(f"{where} has a reshape but no dims; dims is the shape requests carry")
+    for name, values in (("dims", dims), ("reshape.shape", shape)):
+        if any(d < -1 or d == 0 for d in values):
+            raise ModelLoadError(f"{where} {name} {values[:8]} must be -1 or >= 1")
+    if dims.count(-1) != shape.count(-1):
+        raise ModelLoadError(
+            f"{where} has dims {dims[:8]} and reshape.shape {shape[:8]} with different numbers of variable (-1) dims"
+        )
+    if math.prod(d for d in dims if d != -1) != math.prod(d for d in shape if d != -1):
+        raise ModelLoadError(f"{where} reshape.shape {shape[:8]} does not hold the same elements as dims {dims[:8]}")
+    if len(shape) != len(graph_dims) or any(r != -1 and g != -1 and r != g for r, g in zip(shape, graph_dims)):
+        raise ModelLoadError(f"{where} has reshape.shape {shape[:8]} but the model's shape is {list(graph_dims)[:8]}")
+
+
 def _graph_dims(tensor: GraphTensor, batching: bool, kind: str) -> list[int]:
     if not batching:
         return list(tensor.shape)
@@ -116,12 +169,19 @@ def _flag(value: str) -> bool:
 
 def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The completed config's inputs and outputs as plain specs."""
-    inputs = [TensorSpec(i.name, _protocol_type(i.data_type), tuple(i.dims), optional=i.optional) for i in config.input]
+    inputs = [
+        TensorSpec(i.name, _protocol_type(i.data_type), tuple(i.dims), optional=i.optional, reshape=_reshape(i))
+        for i in config.input
+    ]
     outputs = [
-        TensorSpec(o.name, _protocol_type(o.data_type), tuple(o.dims), label_filename=o.label_filename)
+        TensorSpec(o.name, _protocol_type(o.data_type), tuple(o.dims), label_filename=o.label_filename, reshape=_reshape(o))
         for o in config.output
     ]
     return inputs, outputs
+
+
+def _reshape(tensor: mc.ModelInput | mc.ModelOutput) -> tuple[int, ...] | None:
+    return tuple(tensor.reshape.shape) if tensor.HasField("reshape") else None
 
 
 def instance_count(config: mc.ModelConfig) -> int:
@@ -226,3 +286,176 @@ def scheduler_config(config: mc.ModelConfig, hard_queue_limit: int) -> Scheduler
         priority_policies={int(k) - 1: _queue_policy(v) for k, v in batching.priority_queue_policy.items()},
         hard_queue_limit=hard_queue_limit,
     )
+
+
+# Fields accepted although they change nothing in ortserve, and why (everything
+# else a config sets is either implemented or refused by check_supported):
+# - input.format: describes the layout to clients (it is returned by ModelConfig); ONNX Runtime needs no hint.
+# - optimization.input_pinned_memory / output_pinned_memory: Triton's staging buffers for GPU copies;
+#   ortserve hands host arrays to ONNX Runtime, which makes its own copies.
+# - optimization.gather_kernel_buffer_threshold: tunes Triton's GPU input-gather kernel, which ortserve has not.
+# - dynamic_batching.preserve_ordering: each request gets its own response, and a stream answers in order anyway.
+# - instance_group.name: a label.
+# - cc_model_filenames: picks TensorRT plans per compute capability; ONNX models have one file for every device.
+# - metric_tags: labels for Triton's metrics endpoint, which ortserve has not (statistics come from the RPC).
+_MAX_REFUSALS_NAMED = 5
+
+
+def check_supported(config: mc.ModelConfig, generation: bool = False) -> None:
+    """Refuses features ortserve does not implement, and values beyond its bounds.
+
+    Every field of Triton's ModelConfig parses; this decides which may be set. A
+    refused feature may still appear with its disabled value (false, empty, 0,
+    the default enum), as Triton's own configs often spell them out. Runs on the
+    config as written, before any session is built.
+
+    Args:
+        config: The model's config (file or override), not yet completed from the graph.
+        generation: Whether the model is a text-generation model (served decoupled).
+
+    Raises:
+        ModelLoadError: naming the field path (and, for a bound, the value and the bound).
+    """
+    refused = _unsupported_fields(config, generation)
+    if refused:
+        named = ", ".join(refused[:_MAX_REFUSALS_NAMED])
+        more = f" (and {len(refused) - _MAX_REFUSALS_NAMED} more)" if len(refused) > _MAX_REFUSALS_NAMED else ""
+        verb = "is" if len(refused) == 1 else "are"
+        raise ModelLoadError(f"{named}{more} {verb} not supported by ortserve")
+    _check_bounds(config)
+
+
+def _unsupported_fields(config: mc.ModelConfig, generation: bool) -> list[str]:
+    found: list[str] = []
+    if config.runtime:
+        found.append("runtime")
+    tensors: list[tuple[str, mc.ModelInput | mc.ModelOutput]] = [(f"input[{i}]", t) for i, t in enumerate(config.input)]
+    tensors += [(f"output[{i}]", t) for i, t in enumerate(config.output)]
+    for path, tensor in tensors:
+        if tensor.is_shape_tensor:
+            found.append(f"{path}.is_shape_tensor")
+        if tensor.is_non_linear_format_io:
+            found.append(f"{path}.is_non_linear_format_io")
+    found += [f"input[{i}].allow_ragged_batch" for i, t in enumerate(config.input) if t.allow_ragged_batch]
+    if config.batch_input:
+        found.append("batch_input")
+    if config.batch_output:
+        found.append("batch_output")
+    optimization = config.optimization
+    if optimization.priority != mc.ModelOptimizationPolicy.PRIORITY_DEFAULT:
+        found.append("optimization.priority")
+    cuda = optimization.cuda
+    for flag in ("graphs", "busy_wait_events", "output_copy_stream"):
+        if getattr(cuda, flag):
+            found.append(f"optimization.cuda.{flag}")
+    if cuda.graph_spec:
+        found.append("optimization.cuda.graph_spec")
+    accelerators = optimization.execution_accelerators
+    for i, accelerator in enumerate(accelerators.gpu_execution_accelerator):
+        path = f"optimization.execution_accelerators.gpu_execution_accelerator[{i}]"
+        if accelerator.name != "tensorrt":
+            found.append(f"{path}.name {quoted(accelerator.name)} (only 'tensorrt')")
+        if accelerator.parameters:
+            found.append(f"{path}.parameters")
+    if accelerators.cpu_execution_accelerator:
+        found.append("optimization.execution_accelerators.cpu_execution_accelerator")
+    if optimization.eager_batching:
+        found.append("optimization.eager_batching")
+    if config.HasField("sequence_batching"):
+        found.append("sequence_batching")
+    if config.ensemble_scheduling.max_inflight_requests:
+        found.append("ensemble_scheduling.max_inflight_requests")
+    found += _unsupported_instance_fields(config)
+    if config.model_operations.op_library_filename:
+        found.append("model_operations.op_library_filename")
+    if config.model_transaction_policy.decoupled and not generation:
+        found.append("model_transaction_policy.decoupled (only text-generation models are decoupled)")
+    if config.model_repository_agents.agents:
+        found.append("model_repository_agents")
+    if config.response_cache.enable:
+        found.append("response_cache.enable")
+    if config.model_metrics.metric_control:
+        found.append("model_metrics.metric_control")
+    return found
+
+
+def _unsupported_instance_fields(config: mc.ModelConfig) -> list[str]:
+    found: list[str] = []
+    groups = config.instance_group
+    for i, group in enumerate(groups):
+        path = f"instance_group[{i}]"
+        if group.rate_limiter.resources or group.rate_limiter.priority > 1:
+            found.append(f"{path}.rate_limiter")
+        if group.secondary_devices:
+            found.append(f"{path}.secondary_devices")
+        if group.profile:
+            found.append(f"{path}.profile (TensorRT plans only)")
+        if group.passive:
+            found.append(f"{path}.passive")
+        if group.host_policy:
+            found.append(f"{path}.host_policy")
+        if len(group.gpus) > 1:
+            found.append(f"{path}.gpus with more than one GPU")
+        # Every instance of a version runs with the first group's session options.
+        if i > 0 and (group.kind != groups[0].kind or list(group.gpus) != list(groups[0].gpus)):
+            found.append(f"{path} on another device than instance_group[0]")
+    return found
+
+
+def _refuse_above(path: str, value: int, bound: int, why: str = "") -> None:
+    if value > bound:
+        raise ModelLoadError(f"{path} is {value}; ortserve allows at most {bound}{f' ({why})' if why else ''}")
+
+
+def _int_parameter(params: dict[str, str], key: str) -> int | None:
+    if key not in params:
+        return None
+    try:
+        return int(params[key])
+    except ValueError:
+        raise ModelLoadError(f"bad session parameter {key}: not an integer: {quoted(params[key])}") from None
+
+
+def _check_bounds(config: mc.ModelConfig) -> None:
+    """Refuses values that would make the server build, allocate or wait without limit."""
+    _refuse_above("max_batch_size", config.max_batch_size, MAX_BATCH_SIZE)
+    total = 0
+    for i, group in enumerate(config.instance_group):
+        if group.count < 0:
+            raise ModelLoadError(f"instance_group[{i}].count must be >= 0, got {group.count}")
+        total += max(group.count, 1)
+    _refuse_above("instance_group count (all groups)", total, max_instances(), "4 per CPU core, at least 16")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    for key in ("intra_op_thread_count", "inter_op_thread_count"):
+        threads = _int_parameter(params, key)
+        if threads is not None:
+            if threads < 0:
+                raise ModelLoadError(f"parameters {key} must be >= 0, got {threads}")
+            _refuse_above(f"parameters {key}", threads, max_threads(), "4 per CPU core, at least 64")
+    for key, bound in (("max_num_seqs", MAX_GENERATION_SEQS), ("max_queued_generations", MAX_QUEUE_SIZE)):
+        value = _int_parameter(params, key)
+        if value is not None:
+            if value < 1:
+                raise ModelLoadError(f"parameters {key} must be >= 1, got {value}")
+            _refuse_above(f"parameters {key}", value, bound)
+    batching = config.dynamic_batching
+    _refuse_above("dynamic_batching.max_queue_delay_microseconds", batching.max_queue_delay_microseconds, MAX_QUEUE_DELAY_US)
+    _refuse_above("dynamic_batching.preferred_batch_size entries", len(batching.preferred_batch_size), MAX_PREFERRED_BATCH_SIZES)
+    _refuse_above("dynamic_batching.priority_levels", batching.priority_levels, MAX_PRIORITY_LEVELS)
+    policies = [("dynamic_batching.default_queue_policy", batching.default_queue_policy)]
+    policies += [(f"dynamic_batching.priority_queue_policy[{k}]", v) for k, v in batching.priority_queue_policy.items()]
+    for path, policy in policies:
+        _refuse_above(f"{path}.max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE, "the hard limit per model version")
+        _refuse_above(f"{path}.default_timeout_microseconds", policy.default_timeout_microseconds, MAX_QUEUE_TIMEOUT_US)
+    _refuse_above("model_warmup entries", len(config.model_warmup), MAX_WARMUP_SAMPLES)
+    for i, sample in enumerate(config.model_warmup):
+        path = f"model_warmup[{i}]"
+        _refuse_above(f"{path}.batch_size", sample.batch_size, MAX_BATCH_SIZE)
+        _refuse_above(f"{path}.count", sample.count, MAX_WARMUP_COUNT)
+        for name, entry in sample.inputs.items():
+            if any(d < 1 for d in entry.dims):
+                raise ModelLoadError(f"{path} input {quoted(name)} dims {list(entry.dims)[:8]} must all be >= 1")
+            elements = max(sample.batch_size, 1)
+            for dim in entry.dims:
+                elements *= dim
+                _refuse_above(f"{path} input {quoted(name)} elements", elements, MAX_WARMUP_ELEMENTS)
