@@ -14,8 +14,10 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server import workers
+from server.core.errors import ServerError
 from server.repository.registry import READY, ModelRegistry
 from server.repository.repository import ModelRepository
+from server.rpc import converters
 from server.rpc.pb import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.generation_servicer import TextGenerationServicer
@@ -78,8 +80,14 @@ class OrtServer:
         """Loads the models, then starts listening; returns the bound port."""
         if not self.settings.model_repository.is_dir():
             raise SystemExit(f"model repository {self.settings.model_repository} is not a directory")
-        await self.registry.load_all(self._startup_models())
         worker = self.settings.worker_index
+        peer_dir = self.settings.peer_dir
+        # A worker in explicit mode holds the control lock (shared) from reading the model set
+        # until its private socket listens, so no load or unload can miss it (workers.py).
+        control_fd = None
+        if worker is not None and peer_dir is not None and self.settings.model_control_mode == "explicit":
+            control_fd = await workers.lock_control(peer_dir, exclusive=False)
+        await self._load_startup_models()
         options = [
             ("grpc.max_receive_message_length", self.settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_send_message_bytes),
@@ -102,7 +110,10 @@ class OrtServer:
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
             self.servicer.peers = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.servicer.worker_index = worker
+            self.servicer.peer_dir = self.settings.peer_dir
         await server.start()
+        if control_fd is not None:
+            workers.unlock_control(control_fd)
         self._server = server
         self.state.started = True
         await self._publish_health()
@@ -116,6 +127,21 @@ class OrtServer:
         if self.settings.port_file:
             self.settings.port_file.write_text(str(self.port))
         return self.port
+
+    async def _load_startup_models(self) -> None:
+        """The start-up models; a worker in explicit mode loads the set its siblings serve now, if changed."""
+        recorded = None
+        if self.settings.peer_dir is not None and self.settings.model_control_mode == "explicit":
+            recorded = workers.read_models(self.settings.peer_dir)
+        if recorded is None:
+            await self.registry.load_all(self._startup_models())
+            return
+        for name, data in recorded.items():
+            request = pb.RepositoryModelLoadRequest.FromString(data)
+            try:
+                await self.registry.load(name, converters.config_override_from_pb(request.parameters))
+            except ServerError as exc:
+                logger.error("model '%s' not loaded: %s", name, exc)
 
     def _startup_models(self) -> list[str] | None:
         """Models to load at start: all of them, except in explicit mode (--load-model)."""

@@ -5,10 +5,20 @@ one thread; separate processes are what let a server use more than one core for
 that work. Each worker loads every model and runs its own batchers. To still look
 like one server, each worker also listens on a private Unix socket in a shared
 directory, and answers ModelStatistics by adding up its peers' counters.
+
+Model control (explicit mode) stays the same on every worker: a load or unload takes
+an exclusive lock on a file in the shared directory, is applied to every worker, and
+records the resulting set of models in `models.json` there; a worker that starts (or
+is restarted after dying) holds the lock shared while it loads that set, so no
+operation slips between what it read and the moment its peers can reach it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import fcntl
+import json
 import logging
 import os
 import shutil
@@ -18,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.settings import Settings
@@ -25,6 +36,14 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 READY_SUFFIX = ".ready"
+CONTROL_LOCK = "control.lock"
+MODELS_FILE = "models.json"
+# Restart backoff: a worker that keeps dying must not spin the machine; one that ran
+# for a while before dying is restarted at once again.
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
+_LOCK_POLL_S = 0.01
 
 
 def worker_socket(peer_dir: Path, index: int) -> Path:
@@ -35,6 +54,49 @@ def worker_socket(peer_dir: Path, index: int) -> Path:
 def peer_addresses(peer_dir: Path, own_index: int, count: int) -> list[str]:
     """gRPC addresses of the other workers' private sockets."""
     return [f"unix:{worker_socket(peer_dir, i)}" for i in range(count) if i != own_index]
+
+
+async def lock_control(peer_dir: Path, exclusive: bool) -> int:
+    """Takes the model-control lock shared by every worker; returns the fd that `unlock_control` releases.
+
+    Exclusive for a load or unload, shared for a starting worker (several may start at once).
+    It polls instead of blocking a thread so that a cancelled wait leaves nothing holding
+    the lock; the kernel drops it if the holder dies.
+    """
+    fd = os.open(peer_dir / CONTROL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                return fd
+            except BlockingIOError:
+                await asyncio.sleep(_LOCK_POLL_S)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def unlock_control(fd: int) -> None:
+    """Releases a lock taken by `lock_control`."""
+    os.close(fd)  # closing the only descriptor of this open file drops its flock
+
+
+def read_models(peer_dir: Path) -> dict[str, bytes] | None:
+    """The models every worker should have loaded (name -> serialized load request), or None before any change."""
+    try:
+        data = json.loads((peer_dir / MODELS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    return {name: base64.b64decode(value) for name, value in data["models"].items()}
+
+
+def write_models(peer_dir: Path, models: dict[str, bytes]) -> None:
+    """Records the current set of models, atomically (a reader never sees half a file)."""
+    data = {"models": {name: base64.b64encode(value).decode("ascii") for name, value in sorted(models.items())}}
+    tmp = peer_dir / f"{MODELS_FILE}.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, peer_dir / MODELS_FILE)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -66,12 +128,98 @@ def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path) -
     return args
 
 
+def describe_exit(code: int) -> str:
+    """'code 1' or 'signal 9 (SIGKILL)' for a Popen return code."""
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+@dataclass
+class _Worker:
+    """One worker slot: its process, and when to restart it after it died."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.monotonic)
+    backoff_s: float = RESTART_BACKOFF_MIN_S
+    restart_at: float | None = None
+
+
+class _Supervisor:
+    """Starts the workers, restarts any that dies, stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings, port: int, peer_dir: Path) -> None:
+        self.settings = settings
+        self.port = port
+        self.peer_dir = peer_dir
+        self.workers: list[_Worker] = []
+
+    def spawn(self, index: int) -> subprocess.Popen[bytes]:
+        # A dead worker leaves its ready mark and socket behind; the new one makes its own.
+        (self.peer_dir / f"worker-{index}{READY_SUFFIX}").unlink(missing_ok=True)
+        worker_socket(self.peer_dir, index).unlink(missing_ok=True)
+        return subprocess.Popen(_worker_command(self.settings, self.port, index, self.peer_dir))
+
+    def start_all(self) -> None:
+        self.workers = [_Worker(i, self.spawn(i)) for i in range(self.settings.workers)]
+
+    def all_ready(self) -> bool:
+        return all((self.peer_dir / f"worker-{w.index}{READY_SUFFIX}").exists() for w in self.workers)
+
+    def first_dead(self) -> _Worker | None:
+        return next((w for w in self.workers if w.restart_at is None and w.process.poll() is not None), None)
+
+    def tend(self) -> None:
+        """One supervision pass: schedule restarts of dead workers, start those whose backoff is over."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.restart_at is None and worker.process.poll() is not None:
+                if now - worker.started_at >= STABLE_AFTER_S:
+                    worker.backoff_s = RESTART_BACKOFF_MIN_S
+                worker.restart_at = now + worker.backoff_s
+                logger.error(
+                    "worker %d exited with %s; restarting in %.1f s (pid was %d)",
+                    worker.index, describe_exit(worker.process.returncode), worker.backoff_s, worker.process.pid,
+                )
+                worker.backoff_s = min(worker.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            elif worker.restart_at is not None and now >= worker.restart_at:
+                worker.process = self.spawn(worker.index)
+                worker.started_at, worker.restart_at = now, None
+                logger.info("worker %d restarted (pid %d)", worker.index, worker.process.pid)
+
+    def stop_all(self) -> list[int]:
+        """SIGTERM to every running worker; waits for the grace period (plus slack), then kills."""
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 30
+        codes = []
+        for worker in self.workers:
+            if worker.restart_at is not None:
+                continue  # died earlier and was never restarted: its code was logged then
+            try:
+                codes.append(worker.process.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                codes.append(worker.process.wait())
+        return codes
+
+
 def supervise(settings: Settings) -> int:
-    """Starts the workers, waits for them to be ready, forwards SIGTERM/SIGINT, returns the exit code."""
+    """Starts the workers, waits for them to be ready, restarts any that dies, forwards SIGTERM/SIGINT.
+
+    Returns:
+        The exit code: 0 after a requested stop where every worker exited cleanly, else 1.
+    """
     reserved = _reserve_port(settings.host, settings.port)
     port = reserved.getsockname()[1]
     peer_dir = Path(tempfile.mkdtemp(prefix="ortserve-"))
     stopping = False
+    failed = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -79,44 +227,29 @@ def supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers = [
-        subprocess.Popen(_worker_command(settings, port, i, peer_dir), start_new_session=False)
-        for i in range(settings.workers)
-    ]
+    supervisor = _Supervisor(settings, port, peer_dir)
+    supervisor.start_all()
     try:
         while not stopping:
-            ready = all((peer_dir / f"worker-{i}{READY_SUFFIX}").exists() for i in range(len(workers)))
-            if ready:
+            if supervisor.all_ready():
                 break
-            dead = [w for w in workers if w.poll() is not None]
-            if dead:
-                logger.error("a worker exited during start-up (code %s)", dead[0].returncode)
-                stopping = True
+            # A worker that cannot even start (bad repository, port taken) will not do better on a retry.
+            dead = supervisor.first_dead()
+            if dead is not None:
+                logger.error("worker %d exited during start-up with %s", dead.index, describe_exit(dead.process.returncode))
+                failed = True
                 break
             time.sleep(0.05)
-        if not stopping:
+        if not stopping and not failed:
             reserved.close()  # the workers hold the port now
-            logger.info("ortserve listening on %s:%d with %d workers", settings.host, port, len(workers))
+            logger.info("ortserve listening on %s:%d with %d workers", settings.host, port, len(supervisor.workers))
             if settings.port_file:
                 settings.port_file.write_text(str(port))
-        while not stopping:
-            dead = [w for w in workers if w.poll() is not None]
-            if dead:
-                logger.error("worker pid %d exited with %s; stopping the others", dead[0].pid, dead[0].returncode)
-                break
-            time.sleep(0.2)
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + settings.shutdown_grace_s + 30
-        codes = []
-        for worker in workers:
-            try:
-                codes.append(worker.wait(timeout=max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                codes.append(worker.wait())
-        return 0 if stopping and all(c == 0 for c in codes) else 1
+        while not stopping and not failed:
+            supervisor.tend()
+            time.sleep(0.1)
+        codes = supervisor.stop_all()
+        return 0 if stopping and not failed and all(c == 0 for c in codes) else 1
     finally:
         reserved.close()
         shutil.rmtree(peer_dir, ignore_errors=True)

@@ -6,11 +6,22 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from server.core.errors import PermissionDeniedError, ServerUnavailableError, UnsupportedError
+from server import workers
+from server.core.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    QueueFullError,
+    ServerError,
+    ServerUnavailableError,
+    UnsupportedError,
+)
 from server.core.generation import request_args
 from server.repository.registry import READY, ModelRegistry
 from server.rpc import converters, status
@@ -20,8 +31,22 @@ from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "ortserve"
-# Marks a ModelStatistics call from a sibling worker: answer with local counters only.
+# Marks a call from a sibling worker (statistics, load, unload): answer or act locally only.
+# Honoured only on the private Unix socket (see _from_peer), never on the public port.
 PEER_HEADER = "ortserve-peer-local"
+# A peer's status code back into the domain error that carries it, so a client sees the
+# code the failing worker gave; anything else becomes INTERNAL.
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[ServerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNIMPLEMENTED: UnsupportedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFullError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+# A load can take long (big models, warm-up); a peer that has not answered by then is stuck.
+PEER_CONTROL_TIMEOUT_S = 600.0
 # Only what is true of this server: perf_analyzer reads ModelStatistics only when
 # "statistics" is listed, and clients probe "classification" and "model_repository".
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics", "parameters"]
@@ -53,7 +78,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Private addresses of sibling worker processes (see server/workers.py).
         self.peers: list[str] = []
         self.worker_index: int | None = None
+        # The supervisor's shared directory: the model-control lock and the model set (workers.py).
+        self.peer_dir: Path | None = None
         self._peer_channels: dict[str, grpc.aio.Channel] = {}
+        # Model-control operations run to the end even when their caller leaves (every worker or none).
+        self._control_tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         """Closes the channels to sibling workers."""
@@ -277,12 +306,130 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"'{self._control_mode}')"
             )
 
-    async def _on_peers(self, method: str, request: object) -> None:
-        """Repeats a load or unload on the sibling workers so all of them serve the same models."""
-        async def call(address: str) -> None:
-            await getattr(self._peer_stub(address), method)(request, metadata=((PEER_HEADER, "1"),), timeout=600)
+    async def _on_peer(self, address: str, method: str, request: object) -> bool:
+        """Applies a load or unload on one sibling; False when it is not serving (dead or restarting).
 
-        await asyncio.gather(*(call(a) for a in self.peers))
+        A sibling that is down loads the recorded model set when it comes back, so it
+        needs no retry here.
+
+        Raises:
+            ServerError: the sibling refused the operation (its status code, its message).
+        """
+        try:
+            await getattr(self._peer_stub(address), method)(
+                request, metadata=((PEER_HEADER, "1"),), timeout=PEER_CONTROL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            # Load and unload never answer UNAVAILABLE for a model: this is a sibling that is
+            # down, restarting or shutting down.
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                logger.warning("worker at %s is not serving; it loads the recorded models when it restarts", address)
+                return False
+            error = _ERROR_BY_CODE.get(exc.code())
+            if error is None:
+                raise RuntimeError(f"worker at {address}: {method} ended {exc.code().name}: {exc.details()}") from exc
+            raise error(exc.details()) from exc
+        return True
+
+    async def _everywhere(self, local: Callable[[], Any], method: str, request: object) -> list[BaseException | bool]:
+        """Runs an operation here and on every sibling at once; per worker, True, False (down) or the error."""
+
+        async def here() -> bool:
+            await local()
+            return True
+
+        calls = [here(), *(self._on_peer(a, method, request) for a in self.peers)]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    async def _control(self, operation: Callable[[], Any]) -> None:
+        """Runs a model-control operation under the workers' exclusive lock, to the end even if the caller leaves."""
+        assert self.peer_dir is not None
+
+        async def locked() -> None:
+            assert self.peer_dir is not None
+            fd = await workers.lock_control(self.peer_dir, exclusive=True)
+            try:
+                await operation()
+            finally:
+                workers.unlock_control(fd)
+
+        task = asyncio.get_running_loop().create_task(locked())
+        self._control_tasks.add(task)
+        task.add_done_callback(_finish_control)
+        task.add_done_callback(self._control_tasks.discard)
+        await asyncio.shield(task)
+
+    def _recorded_models(self) -> dict[str, bytes]:
+        """The model set all workers agree on: the last recorded one, else what each loaded at start."""
+        assert self.peer_dir is not None
+        models = workers.read_models(self.peer_dir)
+        if models is None:
+            # Nothing changed since start: every worker loaded the same start-up set.
+            models = {e.name: b"" for e in self._registry.entries() if e.reason != "unloaded"}
+        return models
+
+    async def _load_everywhere(self, request: pb.RepositoryModelLoadRequest, override: Any) -> None:
+        """Loads on every worker; a load that succeeds on some and fails on others is rolled back."""
+        assert self.peer_dir is not None
+        name = request.model_name
+        models = self._recorded_models()
+        was_ready = self._registry.is_ready(name)
+        results = await self._everywhere(lambda: self._registry.load(name, override), "RepositoryModelLoad", request)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            models[name] = request.SerializeToString()
+            workers.write_models(self.peer_dir, models)
+            return
+        if any(r is True for r in results):
+            await self._roll_back_load(name, results, models.get(name) if was_ready else None)
+        elif not was_ready:
+            # Failed everywhere: a restarted worker tries the same and reports the same reason.
+            models[name] = request.SerializeToString()
+            workers.write_models(self.peer_dir, models)
+        raise errors[0]
+
+    async def _roll_back_load(self, name: str, results: list[BaseException | bool], previous: bytes | None) -> None:
+        """Brings the workers where a load succeeded back to the state of the others.
+
+        Args:
+            previous: The load request of the version that served before (reload), or None
+                (first load: unload it again).
+        """
+        logger.error("load of '%s' failed on some workers; rolling it back on the others", name)
+        addresses = [None, *self.peers]
+        for address, result in zip(addresses, results):
+            if result is not True:
+                continue
+            try:
+                if previous is None:
+                    unload = pb.RepositoryModelUnloadRequest(model_name=name)
+                    if address is None:
+                        await self._registry.unload(name)
+                    else:
+                        await self._on_peer(address, "RepositoryModelUnload", unload)
+                else:
+                    reload = pb.RepositoryModelLoadRequest.FromString(previous) if previous else None
+                    reload = reload or pb.RepositoryModelLoadRequest(model_name=name)
+                    if address is None:
+                        await self._registry.load(name, converters.config_override_from_pb(reload.parameters))
+                    else:
+                        await self._on_peer(address, "RepositoryModelLoad", reload)
+            except Exception:
+                logger.exception("rolling back '%s' on worker %s failed", name, address or self.worker_index)
+
+    async def _unload_everywhere(self, request: pb.RepositoryModelUnloadRequest) -> None:
+        """Unloads on every worker: success if any had it loaded, NOT_FOUND if none had."""
+        assert self.peer_dir is not None
+        name = request.model_name
+        models = self._recorded_models()
+        results = await self._everywhere(lambda: self._registry.unload(name), "RepositoryModelUnload", request)
+        models.pop(name, None)
+        workers.write_models(self.peer_dir, models)
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, ModelNotFoundError)]
+        if errors:
+            raise errors[0]
+        if not any(r is True for r in results):
+            raise next(r for r in results if isinstance(r, ModelNotFoundError))
 
     @status.unary
     async def RepositoryModelLoad(
@@ -290,9 +437,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         self._check_explicit("loading")
         override = converters.config_override_from_pb(request.parameters)
-        await self._registry.load(request.model_name, override)
-        if self.peers and not _from_peer(context):
-            await self._on_peers("RepositoryModelLoad", request)
+        self._registry.repository.model_dir(request.model_name)  # refuses bad names before any worker acts
+        if self.peer_dir is None or _from_peer(context):
+            await self._registry.load(request.model_name, override)
+        else:
+            await self._control(lambda: self._load_everywhere(request, override))
         return pb.RepositoryModelLoadResponse()
 
     @status.unary
@@ -300,13 +449,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._check_explicit("unloading")
-        await self._registry.unload(request.model_name)
-        if self.peers and not _from_peer(context):
-            await self._on_peers("RepositoryModelUnload", request)
+        if self.peer_dir is None or _from_peer(context):
+            await self._registry.unload(request.model_name)
+        else:
+            await self._control(lambda: self._unload_everywhere(request))
         return pb.RepositoryModelUnloadResponse()
 
 
+def _finish_control(task: asyncio.Task[None]) -> None:
+    """Retrieves the outcome of a control task whose caller left, so it is not reported as unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("model-control operation ended with: %s", task.exception())
+
+
 def _from_peer(context: grpc.aio.ServicerContext) -> bool:
+    """A sibling worker's call: the peer header, on the private Unix socket only.
+
+    On the public port the header means nothing: a client could otherwise act on one
+    worker alone and leave the workers disagreeing.
+    """
+    if not (context.peer() or "").startswith("unix:"):
+        return False
     return any(key == PEER_HEADER for key, _ in context.invocation_metadata() or ())
 
 
