@@ -345,11 +345,12 @@ def test_pipeline_equals_its_steps_by_hand_and_reports_step_errors(tmp_path: Pat
             assert list(whole.raw_output_contents) == list(by_hand.raw_output_contents)
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="digits_pipeline"), timeout=30)
             assert metadata.platform == "ensemble"
+            # A step naming a model that does not exist: refused at load, with the step and model.
             request.model_name = "broken_pipeline"
             with pytest.raises(grpc.RpcError) as err:
                 stub.ModelInfer(request, timeout=30)
-            assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "step 'no_such_model'" in err.value.details()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "step 2 (model 'no_such_model')" in err.value.details()
             bad = pb.ModelInferRequest(model_name="digits_pipeline")
             bad.inputs.add(name="pixels", datatype="UINT8", shape=[1, 7, 8])
             bad.raw_input_contents.append(bytes(56))

@@ -303,6 +303,8 @@ class ModelRegistry:
         """How many ensembles deep the steps nest below `chain`; refuses cycles and depths over the bound."""
         deepest = 0
         for step in steps:
+            if step.model_name in chain:  # chain[0] is the model being loaded, with its new config
+                raise ModelLoadError(f"ensembles may not form a cycle: {' -> '.join((*chain, step.model_name))}")
             entry = self._entries.get(step.model_name)
             for served in (entry.versions.values() if entry is not None else ()):
                 if not isinstance(served, EnsembleModel):

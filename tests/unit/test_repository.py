@@ -251,3 +251,52 @@ def test_an_abandoned_load_stops_between_instances_and_closes_them(repo: ModelRe
     with pytest.raises(LoadAbandonedError):
         load_model(repo, "ident", "cpu", 8, abandoned=abandoned)
     assert len(built) == 2 and closed == built
+
+
+@pytest.mark.parametrize("count, stopped_at", [(3, 2), (1, 1)])
+async def test_a_cancelled_registry_load_is_abandoned_and_releases_its_sessions(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch, count: int, stopped_at: int
+) -> None:
+    """With 3 instances the build stops after the one in progress; with 1 it ends and is closed."""
+    import asyncio
+    import threading
+
+    from server.repository import loader
+
+    (repo.root / "ident" / "config.pbtxt").write_text(f"instance_group [{{ count: {count} kind: KIND_CPU }}]")
+    building, proceed = threading.Event(), threading.Event()
+    built: list[object] = []
+    closed: list[object] = []
+    real = loader.ort_runtime.OnnxRuntimeSession
+
+    class Held(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            if len(built) == stopped_at:
+                building.set()
+                assert proceed.wait(60)
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(loader.ort_runtime, "OnnxRuntimeSession", Held)
+    registry = ModelRegistry(repo, "cpu", 8)
+    try:
+        task = asyncio.ensure_future(registry.load("ident"))
+        assert await asyncio.to_thread(building.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert "ident" not in {e.name for e in registry.entries()}
+        assert not registry.is_ready("ident")
+        proceed.set()
+        for _ in range(6000):
+            if len(closed) == len(built):
+                break
+            await asyncio.sleep(0.01)
+        assert len(built) == stopped_at and sorted(map(id, closed)) == sorted(map(id, built))
+    finally:
+        proceed.set()
+        await registry.close()
