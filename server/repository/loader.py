@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from server.core.errors import ModelLoadError
 from server.core.generation import GenerationScheduler
 from server.core.types import TensorSpec
 from server.runtime.base import Runtime
-from server.core.model import Model, ModelSignature
+from server.core.model import Model, ModelSignature, to_model_shape
 from server.repository import config as model_config
 from server.repository.repository import (
     DEFAULT_MODEL_FILENAME,
@@ -90,6 +91,8 @@ def load_model(
         raise ModelLoadError(
             f"platform '{config.platform or config.backend}' is not supported; ortserve serves ONNX models"
         )
+    # Before any session is built: refused features and unbounded values cost nothing.
+    model_config.check_supported(config, generation=(repository.model_dir(name) / GENERATION_FILE).is_file())
     filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
     if "/" in filename or "\\" in filename or filename in (".", ".."):
         raise ModelLoadError(f"default_model_filename must be a plain file name, got {filename!r}")
@@ -254,7 +257,12 @@ def _warmup_array(name: str, spec: TensorSpec, entry: mc.ModelWarmup.Input, batc
     dims = list(entry.dims) or [d if d > 0 else 1 for d in spec.dims]
     shape = ([batch] if batch > 0 else []) + dims
     dtype = datatypes.BY_NAME[spec.datatype]
-    count = int(np.prod(shape))
+    count = math.prod(shape)
+    if count > model_config.MAX_WARMUP_ELEMENTS:
+        raise ModelLoadError(
+            f"warm-up input '{name}' of shape {shape[:8]} has {count} elements; at most "
+            f"{model_config.MAX_WARMUP_ELEMENTS} are allowed"
+        )
     kind = entry.WhichOneof("input_data_type")
     if kind == "input_data_file":
         path = (model_dir / "warmup" / entry.input_data_file).resolve()
@@ -293,8 +301,16 @@ def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: Sequen
         if unknown:
             raise ModelLoadError(f"warm-up '{sample.name}' names unknown input(s) {unknown}")
         batch = max(sample.batch_size, 1) if signature.max_batch_size > 0 else 0
+        if batch > signature.max_batch_size:
+            raise ModelLoadError(
+                f"warm-up '{sample.name}' batch_size {batch} is over max_batch_size {signature.max_batch_size}"
+            )
         try:
-            feed = {n: _warmup_array(n, specs[n], e, batch, model_dir) for n, e in sample.inputs.items()}
+            # Warm-up dims are the config's dims, as requests carry them; the model gets its reshape.
+            feed = {
+                n: to_model_shape(specs[n], _warmup_array(n, specs[n], e, batch, model_dir), batch > 0)
+                for n, e in sample.inputs.items()
+            }
             for instance in instances:
                 for _ in range(max(sample.count, 1)):
                     instance.run(feed, outputs)
