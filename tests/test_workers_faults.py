@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -142,5 +142,66 @@ def test_peer_header_on_the_public_port_acts_on_every_worker(repository, tmp_pat
             assert len(stats.model_stats) == 1
         views = _views(server.address)
         assert all(ready == {"suffix"} for ready, _ in views.values()), views
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _addsub_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="addsub")
+    for name in ("a", "b"):
+        request.inputs.add(name=name, datatype="FP32", shape=[4])
+        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+    return request
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(p) for p in (task / "children").read_text().split())
+    return found
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (its sockets are closed already; the supervisor has not reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _worker_pid(server: ServerProcess, index: int) -> int:
+    pids = re.findall(rf"worker {index} \(pid (\d+)\) serving", server.log())
+    return int(pids[-1])
+
+
+def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_serves(repository, tmp_path: Path) -> None:
+    server = _explicit_server(repository, tmp_path, "--load-model", "identity_fp32")
+    try:
+        channel, stub = _fresh_stub(server.address)
+        with channel:
+            # The set the restarted worker must load: changed through the API since start.
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="suffix"), timeout=WAIT_S)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="identity_fp32"), timeout=WAIT_S)
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        victim = _worker_pid(server, 1)
+        assert victim in workers
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: _exited(victim), "the killed worker to exit")
+        for _ in range(40):  # new connections reach the surviving worker only
+            channel, stub = _fresh_stub(server.address)
+            with channel:
+                response = stub.ModelInfer(_addsub_request(), timeout=WAIT_S)
+            assert list(np.frombuffer(response.raw_output_contents[0], np.float32)) == [2.0] * 4
+        wait_until(lambda: "worker 1 exited with signal 9 (SIGKILL); restarting" in server.log(), "the restart log line")
+        wait_until(lambda: _worker_pid(server, 1) != victim, "worker 1 to serve again")
+        assert len(_children(server.process.pid)) == 2
+        views = _views(server.address)
+        assert views == {w: (frozenset({"addsub", "suffix"}),) * 2 for w in ("0", "1")}, views
+        for worker, stub in _per_worker(server.address):
+            stub.ModelInfer(_addsub_request(), timeout=WAIT_S)
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="addsub"), timeout=WAIT_S).model_stats
+            assert len(stats) == 1 and stats[0].inference_stats.success.count >= 40, (worker, stats)
     finally:
         assert server.stop() == 0, server.log()
