@@ -108,6 +108,7 @@ def build(root: Path, outside: Path, gate: Gate) -> None:
     for bad in ("my model", "mod\u00e8le"):
         export_identity(root, "plain_template")
         os.rename(root / "plain_template", root / bad)
+    os.mkdir(os.path.join(os.fsencode(root), b"not-utf8-\xff"))  # a name that is not even UTF-8
     # Ensembles: fine, naming a missing model, naming itself, a cycle, nested 8 and 9 deep.
     write_ensemble(root, "pipe_ok", over_ident("pipe_ok"))
     write_ensemble(root, "pipe_missing", over_ident("pipe_missing", "plain_no_such_model"))
@@ -195,6 +196,8 @@ def test_directories_with_invalid_model_names_are_reported(hostile_stub) -> None
         _, version, state, reason = rows[name]
         assert (version, state) == ("", "UNAVAILABLE")
         assert reason.startswith(f"not loaded: invalid model name {name!r}")
+    # Bytes that are not UTF-8 are shown escaped (a protobuf string must be UTF-8).
+    assert rows["not-utf8-\\xff"][2] == "UNAVAILABLE"
     ready = hostile_stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=30).models
     assert "my model" not in {m.name for m in ready}
 
@@ -274,6 +277,11 @@ def test_explicit_mode_reports_versions_refuses_cycles_and_follows_step_models(t
         with grpc.insecure_channel(server.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert first_output(stub.ModelInfer(request("pipe_outer"), timeout=30)) == [1.5, 1.5]
+            for call in (stub.RepositoryModelLoad, stub.RepositoryModelUnload):
+                message = pb.RepositoryModelLoadRequest if call is stub.RepositoryModelLoad else pb.RepositoryModelUnloadRequest
+                with pytest.raises(grpc.RpcError) as err:
+                    call(message(model_name="m" * 100_000), timeout=30)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 300
             # A broken new version: its own row, naming it; version 1 keeps its READY row and serves.
             (root / "ident" / "3").mkdir()
             (root / "ident" / "3" / "model.onnx").write_bytes(b"garbage")
