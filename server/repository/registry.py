@@ -421,7 +421,7 @@ class ModelRegistry:
             # As Triton: a version that is not a number is the client's mistake (INVALID_ARGUMENT);
             # a well-formed number that is not served is NOT_FOUND.
             raise InvalidInputError(
-                f"model version must be a decimal number of ASCII digits up to {MAX_VERSION}, got {quoted(version)}"
+                f"model version must be a number (ASCII digits, at most {MAX_VERSION}), got {quoted(version)}"
             )
         model = entry.versions.get(number)
         if model is None:
