@@ -156,9 +156,9 @@ class EnsembleModel:
         """Runs independent steps concurrently; the first failure, or a cancelled request, cancels the rest."""
         tasks = [asyncio.ensure_future(self._run_step(s, tensors, request, deadline_s)) for s in steps]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                if task.exception() is not None:
+                if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             return [task.result() for task in tasks]
         finally:

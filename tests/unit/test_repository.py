@@ -300,3 +300,26 @@ async def test_a_cancelled_registry_load_is_abandoned_and_releases_its_sessions(
     finally:
         proceed.set()
         await registry.close()
+
+
+async def test_an_ensemble_that_reaches_itself_at_run_time_stops_at_the_depth_bound() -> None:
+    """Loads refuse cycles; should two concurrent loads still make one, a request stops at 8 levels."""
+    import numpy as np
+
+    from server.core.ensemble import MAX_ENSEMBLE_DEPTH, EnsembleModel, EnsembleStep
+    from server.core.model import ModelSignature
+    from server.core.types import InferRequest, InputTensor, TensorSpec
+
+    spec = [TensorSpec("x", "FP32", (2,))]
+    out = [TensorSpec("y", "FP32", (2,))]
+    calls: list[str] = []
+
+    def lookup(name: str, version: str) -> EnsembleModel:
+        calls.append(name)
+        return looping
+
+    looping = EnsembleModel("loop", 1, ModelSignature(spec, out, 8), [EnsembleStep("loop", -1, {"x": "x"}, {"y": "y"})], lookup, None)
+    request = InferRequest("loop", inputs=[InputTensor("x", "FP32", (1, 2), np.zeros((1, 2), np.float32))])
+    with pytest.raises(ModelNotReadyError, match=f"nested more than {MAX_ENSEMBLE_DEPTH}"):
+        await looping.infer(request)
+    assert len(calls) == MAX_ENSEMBLE_DEPTH
