@@ -190,6 +190,21 @@ name: "NAME"
 max_batch_size: 8
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 5 ] reshape { shape: [ 2, 2 ] } } ]
 """)
+    ensemble = """
+name: "NAME"
+platform: "ensemble"
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] EXTRA } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [ { model_name: "plain" model_version: -1
+                               input_map { key: "x" value: "x" } output_map { key: "y" value: "y" } } ] }
+"""
+    for name, extra, tail in (
+        ("ensemble_ok", "", ""),
+        ("ensemble_reshape", "reshape { shape: [ 2, 2 ] }", ""),
+        ("ensemble_cache", "", "response_cache { enable: true }"),
+    ):
+        (root / name / "1").mkdir(parents=True)
+        _write_config(root, name, ensemble.replace("EXTRA", extra) + tail)
     return root
 
 
@@ -326,3 +341,12 @@ def test_bounds_scale_with_the_machine() -> None:
     assert model_config.max_threads() == max(4 * cpus, 64)
     config = parse_config(f"instance_group [ {{ count: {model_config.max_instances()} }} ]", ".pbtxt")
     model_config.check_supported(config)
+
+
+def test_ensembles_get_the_same_config_checks(schema_server) -> None:  # type: ignore[no-untyped-def]
+    index = _index(schema_server.address)
+    assert index["ensemble_ok"][0] == "READY"
+    state, reason = index["ensemble_cache"]
+    assert state == "UNAVAILABLE" and "response_cache.enable is not supported by ortserve" in reason
+    state, reason = index["ensemble_reshape"]
+    assert state == "UNAVAILABLE" and "reshape on ensemble tensor(s) ['x']" in reason

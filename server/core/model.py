@@ -12,7 +12,7 @@ import numpy as np
 
 from server.core.batcher import ModelRunError, Scheduler, SchedulerConfig
 from server.core.errors import InvalidInputError
-from server.core.generation import GenerationScheduler, generation_args
+from server.core.generation import GenerationScheduler, request_args
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
 from server.runtime.base import Runtime
@@ -230,8 +230,7 @@ class Model:
         start = time.perf_counter_ns()
         ok = False
         try:
-            self.validator.validate(request)
-            args = generation_args({t.name: t.data for t in request.inputs}, default_stream=False)
+            args = request_args(request, self.validator.validate, default_stream=False)
             pieces = [] if args.exclude_input else [args.prompt.decode("utf-8", "replace")]
             async for chunk in self.generator.generate(args.prompt, args.params, deadline_s):
                 pieces.append(chunk.text)

@@ -262,6 +262,12 @@ class ModelRegistry:
         config.platform = ENSEMBLE_PLATFORM
         if not config.input or not config.output:
             raise ModelLoadError("an ensemble config must list its inputs and outputs")
+        model_config.check_supported(config)
+        reshaped = [t.name for t in config.input if t.HasField("reshape")]
+        reshaped += [t.name for t in config.output if t.HasField("reshape")]
+        if reshaped:
+            # An ensemble only passes tensors between steps; each step model reshapes its own.
+            raise ModelLoadError(f"reshape on ensemble tensor(s) {reshaped[:5]} is not supported; set it on the step model")
         untyped = [t.name for t in config.input if t.data_type == mc.TYPE_INVALID]
         untyped += [t.name for t in config.output if t.data_type == mc.TYPE_INVALID]
         if untyped:
