@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -234,12 +235,22 @@ def check_alive(channel: grpc.Channel, good: pb.ModelInferRequest) -> None:
     assert response.raw_output_contents[0] == good.raw_input_contents[0]
 
 
-def make_checks(channel: grpc.Channel, seen: Counter[str], max_examples: int) -> list[Callable[[], None]]:
-    """The property checks as plain callables, with `max_examples` each (used here and by bench/fuzz.py)."""
-    common = settings(
-        max_examples=max_examples, deadline=None, derandomize=True, database=None,
+def make_checks(
+    channel: grpc.Channel, seen: Counter[str], max_examples: int, seed: int | None = None
+) -> list[Callable[[], None]]:
+    """The property checks as plain callables, with `max_examples` each (used here and by bench/fuzz.py).
+
+    Without `seed` the examples are derandomized (the same on every run, as CI needs);
+    with one, a run explores other examples, reproducibly for that seed.
+    """
+    settings_ = settings(
+        max_examples=max_examples, deadline=None, derandomize=seed is None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
+
+    def common(test: Callable[..., None]) -> Callable[..., None]:
+        test = settings_(test)
+        return test if seed is None else hypothesis.seed(seed)(test)
 
     @common
     @given(infer_requests())
@@ -255,6 +266,7 @@ def make_checks(channel: grpc.Channel, seen: Counter[str], max_examples: int) ->
     @given(good_requests())
     def good_property(request: pb.ModelInferRequest) -> None:
         check_alive(channel, request)
+        seen["OK"] += 1
 
     return [infer_property, raw_property, good_property]
 
