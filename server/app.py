@@ -34,6 +34,8 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# How often shutdown checks whether the models still hold admitted work.
+DRAIN_POLL_S = 0.01
 
 
 def server_version() -> str:
@@ -184,7 +186,14 @@ class OrtServer:
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         logger.info("shutting down: waiting up to %.1fs for in-flight requests", self.settings.shutdown_grace_s)
-        await self._server.stop(self.settings.shutdown_grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace_s
+        # Drain with the gRPC server still running: meanwhile new requests get UNAVAILABLE from
+        # our handlers, where a gRPC server that is stopping would cancel them (CANCELLED).
+        while loop.time() < deadline and any(getattr(m, "busy", False) for m in self.registry.models()):
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self._server.stop(max(0.0, deadline - loop.time()))
+        await self._server.wait_for_termination()
         self._server = None
         for task in list(self._background):
             task.cancel()

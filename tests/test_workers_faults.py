@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -205,3 +206,58 @@ def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_se
             assert len(stats) == 1 and stats[0].inference_stats.success.count >= 40, (worker, stats)
     finally:
         assert server.stop() == 0, server.log()
+
+
+def _gated_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="gated")
+    request.inputs.add(name="x", datatype="FP32", shape=[256, 512])
+    request.raw_input_contents.append(np.full((256, 512), 0.01, np.float32).tobytes())
+    return request
+
+
+def _unavailable(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    """The status of a request that a draining server must refuse."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_sigterm_with_requests_in_flight_on_both_workers_finishes_them(repository, tmp_path: Path, attempt: int) -> None:
+    small = tmp_path / "repo"
+    for name in ("gated", "addsub"):  # gated's config points at the shared gate directory
+        shutil.copytree(repository.path / name, small / name)
+    gate = repository.gates["gated"]
+    server = ServerProcess(small, tmp_path, "--workers", "2", "--strict-readiness", "false")
+    channels: list[grpc.Channel] = []
+    try:
+        with gate.held():
+            stubs = {}
+            while len(stubs) < 2:  # one open connection to each worker
+                channel, stub = _fresh_stub(server.address)
+                channels.append(channel)
+                stubs.setdefault(_worker_of(stub), stub)
+            seen = len(gate.entered())
+            unary = stubs["0"].ModelInfer.future(_gated_request(), timeout=WAIT_S)
+            stream = stubs["1"].ModelStreamInfer(iter([_gated_request()]), timeout=WAIT_S)
+            wait_until(lambda: len(gate.entered()) >= seen + 2, "a run held on each worker")
+            server.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: server.log().count("shutting down") == 2, "both workers to start draining")
+            for stub in stubs.values():
+                # The drain runs with the server still up: probes get an answer (not ready), not an error.
+                assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=WAIT_S).ready
+                # New work on a connection that is still open, while the held requests drain.
+                assert _unavailable(lambda: stub.ModelInfer(_addsub_request(), timeout=WAIT_S)) == grpc.StatusCode.UNAVAILABLE
+                new_stream = stub.ModelStreamInfer(iter([_addsub_request()]), timeout=WAIT_S)
+                assert _unavailable(lambda: list(new_stream)) == grpc.StatusCode.UNAVAILABLE
+        # The gate is open again: the held runs finish, and every byte of their answers arrives.
+        responses = [unary.result(), *(r.infer_response for r in stream)]
+        for response in responses:
+            assert len(response.raw_output_contents[0]) == 256 * 512 * 4
+        assert server.process.wait(timeout=WAIT_S) == 0, server.log()
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
