@@ -28,40 +28,44 @@ def element_count(shape: tuple[int, ...]) -> int:
 
 
 def checked_element_count(shape: tuple[int, ...], name: str) -> int:
-    """Number of elements of a client's shape, refusing negative or absurd dimensions.
+    """Number of elements of a client's shape, refusing negative dimensions.
 
-    Raises:
-        InvalidInputError: a negative dimension, or non-zero dimensions whose product is
-            over MAX_ELEMENTS (Python ints: the product itself cannot overflow).
+    The count is exact (Python ints do not overflow); callers compare it with the bytes
+    received before allocating anything, then call refuse_absurd_shape.
+    """
+    if any(dim < 0 for dim in shape):
+        raise InvalidInputError(f"input {quoted(name)} has invalid shape {list(shape)}: a dimension is negative")
+    return element_count(shape)
+
+
+def refuse_absurd_shape(shape: tuple[int, ...], name: str) -> None:
+    """Refuses a shape whose non-zero dimensions multiply to more than MAX_ELEMENTS.
+
+    Only an empty tensor can get here with such a shape (a non-empty one has already
+    matched the bytes received), and numpy would refuse it with a ValueError.
     """
     nonzero = 1
     for dim in shape:
-        if dim < 0:
-            raise InvalidInputError(f"input {quoted(name)} has a negative dimension in shape {list(shape)}")
         if dim:
             nonzero *= dim
-            if nonzero > MAX_ELEMENTS:
-                raise InvalidInputError(
-                    f"input {quoted(name)} has shape {list(shape)}, over {MAX_ELEMENTS} elements"
-                )
-    return element_count(shape)
+    if nonzero > MAX_ELEMENTS:
+        raise InvalidInputError(
+            f"input {quoted(name)} has invalid shape {list(shape)}: over {MAX_ELEMENTS} elements"
+        )
 
 
 def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     """Splits length-prefixed BYTES contents into a flat object array of `count` elements.
 
-    `count` comes from the client's shape: it is checked against the bytes received
-    (each element has a 4-byte length prefix) before anything is allocated by it.
+    `count` comes from the client's shape: elements are collected as the bytes hold them
+    (each has a 4-byte length prefix, so the list is bounded by what was received) and the
+    array is made only once their number matches `count`.
     """
-    if count > len(raw) // _LENGTH.size:
-        raise InvalidInputError(
-            f"input {quoted(name)} has {len(raw)} bytes of BYTES contents; its shape's {count} element(s) "
-            f"need at least {_LENGTH.size} bytes each"
-        )
-    out = np.empty(count, dtype=object)
+    items: list[bytes] = []
     view = memoryview(raw)
-    offset, index, total = 0, 0, len(raw)
+    offset, total = 0, len(raw)
     while offset < total:
+        index = len(items)
         if index >= count:
             raise InvalidInputError(f"input {quoted(name)} holds more than the {count} BYTES element(s) its shape has")
         if offset + 4 > total:
@@ -70,11 +74,13 @@ def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
         offset += 4
         if offset + length > total:
             raise InvalidInputError(f"input {quoted(name)} BYTES element {index} runs past the end of its contents")
-        out[index] = bytes(view[offset : offset + length])
+        items.append(bytes(view[offset : offset + length]))
         offset += length
-        index += 1
-    if index != count:
-        raise InvalidInputError(f"input {quoted(name)} holds {index} BYTES element(s); its shape needs {count}")
+    if len(items) != count:
+        raise InvalidInputError(f"input {quoted(name)} holds {len(items)} BYTES element(s); its shape needs {count}")
+    out = np.empty(count, dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
     return out
 
 
@@ -93,13 +99,17 @@ def decode_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> 
     dtype = datatypes.BY_NAME[datatype]
     count = checked_element_count(shape, name)
     if datatype == "BYTES":
-        return decode_bytes(raw, count, name).reshape(shape)
-    expected = count * dtype.item_size
-    if len(raw) != expected:
-        raise InvalidInputError(
-            f"input {quoted(name)} has {len(raw)} bytes of raw contents; {datatype} shape {list(shape)} needs {expected}"
-        )
-    return np.frombuffer(raw, dtype=dtype.numpy_dtype).reshape(shape)
+        flat = decode_bytes(raw, count, name)
+    else:
+        expected = count * dtype.item_size
+        if len(raw) != expected:
+            raise InvalidInputError(
+                f"input {quoted(name)} has {len(raw)} bytes of raw contents; {datatype} shape {list(shape)} "
+                f"needs {expected}"
+            )
+        flat = np.frombuffer(raw, dtype=dtype.numpy_dtype)
+    refuse_absurd_shape(shape, name)
+    return flat.reshape(shape)
 
 
 def decode_typed(contents: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -117,6 +127,7 @@ def decode_typed(contents: Any, datatype: str, shape: tuple[int, ...], name: str
     # Compared before anything is allocated: the typed field's length is what was received.
     if len(values) != count:
         raise InvalidInputError(f"input {quoted(name)} has {len(values)} element(s); shape {list(shape)} needs {count}")
+    refuse_absurd_shape(shape, name)
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         for i, value in enumerate(values):
