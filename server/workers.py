@@ -196,6 +196,11 @@ class _Supervisor:
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
+            elif worker.restart_at is None:
+                # Died on its own before the stop request (it would have been restarted): that is
+                # logged, and not what the exit code of a requested stop reports.
+                logger.error("worker %d exited with %s", worker.index, describe_exit(worker.process.returncode))
+                worker.restart_at = 0.0
         deadline = time.monotonic() + self.settings.shutdown_grace_s + 30
         codes = []
         for worker in self.workers:

@@ -194,12 +194,22 @@ def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_se
             channel, stub = _fresh_stub(server.address)
             with channel:
                 response = stub.ModelInfer(_addsub_request(), timeout=WAIT_S)
+                # The survivor answers statistics with what it can reach (its peer is down).
+                stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="addsub"), timeout=WAIT_S)
             assert list(np.frombuffer(response.raw_output_contents[0], np.float32)) == [2.0] * 4
+            assert len(stats.model_stats) == 1
         wait_until(lambda: "worker 1 exited with signal 9 (SIGKILL); restarting" in server.log(), "the restart log line")
         wait_until(lambda: _worker_pid(server, 1) != victim, "worker 1 to serve again")
         assert len(_children(server.process.pid)) == 2
         views = _views(server.address)
         assert views == {w: (frozenset({"addsub", "suffix"}),) * 2 for w in ("0", "1")}, views
+        # Model control reaches the restarted worker again, whichever worker takes the call.
+        for worker, stub in _per_worker(server.address):
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="identity_fp32"), timeout=WAIT_S)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="identity_fp32"), timeout=WAIT_S)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="identity_fp32"), timeout=WAIT_S)
+            views = _views(server.address)
+            assert views == {w: (frozenset(CONTROLLED),) * 2 for w in ("0", "1")}, (worker, views)
         for worker, stub in _per_worker(server.address):
             stub.ModelInfer(_addsub_request(), timeout=WAIT_S)
             stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="addsub"), timeout=WAIT_S).model_stats

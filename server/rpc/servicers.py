@@ -81,12 +81,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The supervisor's shared directory: the model-control lock and the model set (workers.py).
         self.peer_dir: Path | None = None
         self._peer_channels: dict[str, grpc.aio.Channel] = {}
+        self._retired_channels: set[grpc.aio.Channel] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         # Model-control operations run to the end even when their caller leaves (every worker or none).
         self._control_tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         """Closes the channels to sibling workers."""
-        for channel in self._peer_channels.values():
+        for channel in [*self._peer_channels.values(), *self._retired_channels]:
             await channel.close()
         self._peer_channels.clear()
 
@@ -103,7 +105,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await stub.ModelStatistics(request, metadata=((PEER_HEADER, "1"),), timeout=5)
         except grpc.aio.AioRpcError as exc:
             logger.warning("worker at %s did not answer ModelStatistics: %s", address, exc.code().name)
+            self._forget_peer(address)
             return None
+
+    def _forget_peer(self, address: str) -> None:
+        """Replaces the channel to a sibling that did not answer; the next call opens a new one.
+
+        A channel whose connection failed waits out a reconnect backoff and fails calls
+        fast meanwhile; a restarted sibling must be reachable at once (a load must not skip it).
+        Calls still running on the old channel (another RPC's) are let finish before it closes.
+        """
+        channel = self._peer_channels.pop(address, None)
+        if channel is not None:
+            self._retired_channels.add(channel)
+            task = asyncio.get_running_loop().create_task(channel.close(grace=PEER_CONTROL_TIMEOUT_S))
+            self._closing.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(lambda _: self._retired_channels.discard(channel))
 
     def _check_accepting(self) -> None:
         if self._state.draining:
@@ -323,6 +341,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Load and unload never answer UNAVAILABLE for a model: this is a sibling that is
             # down, restarting or shutting down.
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._forget_peer(address)
                 logger.warning("worker at %s is not serving; it loads the recorded models when it restarts", address)
                 return False
             error = _ERROR_BY_CODE.get(exc.code())
