@@ -271,3 +271,147 @@ def test_sigterm_with_requests_in_flight_on_both_workers_finishes_them(repositor
         for channel in channels:
             channel.close()
         server.stop()
+
+
+class _FakeRegistry:
+    """Just what model control touches: which models are ready, and a log of loads and unloads."""
+
+    def __init__(self, ready: set[str], fail_load: bool = False) -> None:
+        self.ready = set(ready)
+        self.fail_load = fail_load
+        self.calls: list[tuple[str, str, object]] = []
+        self.repository = self
+
+    def model_dir(self, name: str) -> Path:
+        return Path(name)
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        return name in self.ready
+
+    def entries(self) -> list[object]:
+        return []
+
+    async def load(self, name: str, override: object = None) -> None:
+        self.calls.append(("load", name, override))
+        if self.fail_load:
+            from server.core.errors import ModelLoadError
+
+            raise ModelLoadError(f"failed to load '{name}': out of memory")
+        self.ready.add(name)
+
+    async def unload(self, name: str) -> None:
+        self.calls.append(("unload", name, None))
+        self.ready.discard(name)
+
+
+def _servicer(tmp_path: Path, registry: _FakeRegistry, peer_results: list[object]):  # type: ignore[no-untyped-def]
+    """A servicer with one sibling whose answers are `peer_results`, one per call, in order."""
+    from server.rpc.servicers import InferenceServicer, ServerState
+
+    servicer = InferenceServicer(registry, ServerState(True), "test", "explicit")  # type: ignore[arg-type]
+    servicer.peers, servicer.peer_dir = ["unix:sibling"], tmp_path
+    sent: list[tuple[str, object]] = []
+
+    async def on_peer(address: str, method: str, request: object) -> bool:
+        sent.append((method, request))
+        result = peer_results.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return bool(result)
+
+    servicer._on_peer = on_peer  # type: ignore[method-assign]
+    return servicer, sent
+
+
+async def test_a_first_load_that_fails_on_one_worker_is_undone_on_the_others(tmp_path: Path) -> None:
+    from server import workers
+    from server.core.errors import InvalidInputError
+
+    registry = _FakeRegistry({"addsub"})
+    servicer, sent = _servicer(tmp_path, registry, [InvalidInputError("failed to load 'digits': no memory"), True])
+    with pytest.raises(InvalidInputError, match="no memory"):
+        await servicer._load_everywhere(pb.RepositoryModelLoadRequest(model_name="digits"), None)
+    assert registry.calls == [("load", "digits", None), ("unload", "digits", None)]
+    assert "digits" not in registry.ready
+    assert [method for method, _ in sent] == ["RepositoryModelLoad"]  # the sibling never had it
+    assert workers.read_models(tmp_path) is None  # the recorded set is unchanged
+
+
+async def test_a_reload_that_fails_on_one_worker_brings_the_others_back_to_the_previous_config(tmp_path: Path) -> None:
+    from server import workers
+    from server.core.errors import ModelLoadError
+
+    previous = pb.RepositoryModelLoadRequest(model_name="digits")
+    previous.parameters["config"].string_param = '{"max_batch_size": 4}'
+    workers.write_models(tmp_path, {"digits": previous.SerializeToString()})
+    registry = _FakeRegistry({"digits"}, fail_load=True)
+    servicer, sent = _servicer(tmp_path, registry, [True, True])
+    new = pb.RepositoryModelLoadRequest(model_name="digits")
+    new.parameters["config"].string_param = '{"max_batch_size": 8}'
+    with pytest.raises(ModelLoadError, match="out of memory"):
+        await servicer._load_everywhere(new, None)
+    # The sibling loaded the new config; it is reloaded with the recorded one, here nothing changed.
+    assert [(m, r.parameters["config"].string_param) for m, r in sent] == [  # type: ignore[attr-defined]
+        ("RepositoryModelLoad", '{"max_batch_size": 8}'), ("RepositoryModelLoad", '{"max_batch_size": 4}')
+    ]
+    assert registry.calls == [("load", "digits", None)]
+    assert workers.read_models(tmp_path) == {"digits": previous.SerializeToString()}
+
+
+async def test_unload_is_not_found_only_when_no_worker_had_the_model(tmp_path: Path) -> None:
+    from server.core.errors import ModelNotFoundError
+
+    registry = _FakeRegistry(set())
+    servicer, _ = _servicer(tmp_path, registry, [True, ModelNotFoundError("model 'x' is not loaded")])
+
+    async def not_loaded(name: str) -> None:
+        raise ModelNotFoundError(f"model '{name}' is not loaded")
+
+    registry.unload = not_loaded  # type: ignore[method-assign]
+    # Here it was not loaded but the sibling had it: the workers agree again, and that is a success.
+    await servicer._unload_everywhere(pb.RepositoryModelUnloadRequest(model_name="x"))
+    with pytest.raises(ModelNotFoundError):
+        await servicer._unload_everywhere(pb.RepositoryModelUnloadRequest(model_name="x"))
+
+
+class _FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def test_restart_backoff_doubles_to_ten_seconds_and_resets_after_a_stable_run(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    from server import workers
+    from server.settings import Settings
+
+    clock = [1000.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    spawned: list[_FakeProcess] = []
+
+    def spawn(index: int) -> _FakeProcess:
+        spawned.append(_FakeProcess(100 + len(spawned)))
+        return spawned[-1]
+
+    supervisor = workers._Supervisor(Settings(workers=1), 0, tmp_path)
+    monkeypatch.setattr(supervisor, "spawn", spawn)
+    supervisor.start_all()
+    delays = []
+    for _ in range(7):  # dies at once after every start
+        spawned[-1].returncode = -9
+        supervisor.tend()
+        worker = supervisor.workers[0]
+        assert worker.restart_at is not None
+        delays.append(worker.restart_at - clock[0])
+        clock[0] = worker.restart_at
+        supervisor.tend()
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert len(spawned) == 8
+    assert "worker 0 exited with signal 9 (SIGKILL); restarting in 0.5 s" in caplog.text
+    clock[0] += workers.STABLE_AFTER_S  # a worker that ran a while is restarted at once again
+    spawned[-1].returncode = 3
+    supervisor.tend()
+    assert supervisor.workers[0].restart_at == clock[0] + 0.5
+    assert "worker 0 exited with code 3; restarting in 0.5 s" in caplog.text
