@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from server.core.batcher import ModelRunError, Scheduler, SchedulerConfig
-from server.core.errors import InvalidInputError
+from server.core.errors import InvalidInputError, quoted
 from server.core.generation import GenerationScheduler, request_args
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
@@ -56,25 +56,25 @@ class SignatureValidator:
             spec = self.inputs.get(tensor.name)
             if spec is None:
                 raise InvalidInputError(
-                    f"unexpected input '{tensor.name}' for model '{self.name}'; "
+                    f"unexpected input {quoted(tensor.name)} for model '{self.name}'; "
                     f"expected: {', '.join(self.inputs) or 'none'}"
                 )
             if tensor.name in seen:
-                raise InvalidInputError(f"input '{tensor.name}' is given more than once")
+                raise InvalidInputError(f"input {quoted(tensor.name)} is given more than once")
             seen.add(tensor.name)
             if tensor.datatype != spec.datatype:
                 raise InvalidInputError(
-                    f"input '{tensor.name}' has datatype {tensor.datatype}; model '{self.name}' expects {spec.datatype}"
+                    f"input {quoted(tensor.name)} has datatype {quoted(tensor.datatype)}; model '{self.name}' expects {spec.datatype}"
                 )
             dims = tensor.shape
             if max_batch > 0:
                 if len(dims) < 1 or dims[0] < 1:
                     raise InvalidInputError(
-                        f"input '{tensor.name}' needs a batch dimension of at least 1 first; got shape {list(dims)}"
+                        f"input {quoted(tensor.name)} needs a batch dimension of at least 1 first; got shape {list(dims)}"
                     )
                 if dims[0] > max_batch:
                     raise InvalidInputError(
-                        f"input '{tensor.name}' has batch size {dims[0]}, over model '{self.name}''s "
+                        f"input {quoted(tensor.name)} has batch size {dims[0]}, over model '{self.name}''s "
                         f"max_batch_size {max_batch}"
                     )
                 batch_sizes.add(dims[0])
@@ -82,7 +82,7 @@ class SignatureValidator:
             if not _dims_match(dims, spec.dims):
                 expected = ([-1] if max_batch > 0 else []) + list(spec.dims)
                 raise InvalidInputError(
-                    f"input '{tensor.name}' has shape {list(tensor.shape)}; model '{self.name}' expects {expected}"
+                    f"input {quoted(tensor.name)} has shape {list(tensor.shape)}; model '{self.name}' expects {expected}"
                 )
         missing = [s.name for s in self.signature.inputs if not s.optional and s.name not in seen]
         if missing:
@@ -122,14 +122,14 @@ class SignatureValidator:
             spec = self.outputs.get(output.name)
             if spec is None:
                 raise InvalidInputError(
-                    f"unknown output '{output.name}' for model '{self.name}'; "
+                    f"unknown output {quoted(output.name)} for model '{self.name}'; "
                     f"outputs: {', '.join(self.outputs)}"
                 )
             if output.name in names:
-                raise InvalidInputError(f"output '{output.name}' is requested more than once")
+                raise InvalidInputError(f"output {quoted(output.name)} is requested more than once")
             names.add(output.name)
             if output.classification_count and spec.datatype == "BYTES":
-                raise InvalidInputError(f"output '{output.name}' is BYTES and cannot be classified")
+                raise InvalidInputError(f"output {quoted(output.name)} is BYTES and cannot be classified")
         return requested
 
 
@@ -268,7 +268,7 @@ def _scheduling_parameters(parameters: dict[str, ParamValue]) -> tuple[int, int]
     for key in ("priority", "timeout"):
         value = parameters.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidInputError(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
+            raise InvalidInputError(f"request parameter {quoted(key)} must be a non-negative integer, got {quoted(value)}")
         values.append(value)
     return values[0], values[1]
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server.core.errors import InvalidInputError
+from server.core.errors import InvalidInputError, quoted
 from server.core.sampling import SamplingParams
 from server.core.model import Model
 from server.repository.registry import ModelRegistry
@@ -43,7 +43,7 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
         model = self._registry.get(request.model, request.model_version)
         generator = model.generator if isinstance(model, Model) else None
         if not isinstance(model, Model) or generator is None:
-            raise InvalidInputError(f"model '{request.model}' is not a text-generation model")
+            raise InvalidInputError(f"model {quoted(request.model)} is not a text-generation model")
         params = sampling_params_from_pb(request)
         started = time.perf_counter_ns()
         ok = False
