@@ -478,7 +478,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _finish_control(task: asyncio.Task[None]) -> None:
     """Retrieves the outcome of a control task whose caller left, so it is not reported as unretrieved."""
     if not task.cancelled() and task.exception() is not None:
-        logger.info("model-control operation ended with: %s", task.exception())
+        logger.debug("model-control operation ended with: %s", task.exception())
 
 
 def _from_peer(context: grpc.aio.ServicerContext) -> bool:
