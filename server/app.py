@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server import workers
 from server.core.errors import ServerError
-from server.repository.registry import READY, ModelRegistry
+from server.repository.registry import ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc import converters
 from server.rpc.pb import _pool
@@ -177,7 +177,8 @@ class OrtServer:
         await self.health.set("", serving if ready else not_serving)
         await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
         for entry in self.registry.entries():
-            await self.health.set(entry.name, serving if entry.state == READY else not_serving)
+            # is_ready, not the entry's state: an ensemble whose step model is gone is not serving.
+            await self.health.set(entry.name, serving if self.registry.is_ready(entry.name) else not_serving)
 
     async def stop(self) -> None:
         """Stops taking work, lets in-flight requests finish within the grace period, unloads."""

@@ -267,6 +267,13 @@ def ensemble_json(steps: list[tuple[str, str, str]]) -> str:
     })
 
 
+def health_of(channel: grpc.Channel, service: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
 def test_explicit_mode_reports_versions_refuses_cycles_and_follows_step_models(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     export_identity(root, "ident")
@@ -312,8 +319,11 @@ def test_explicit_mode_reports_versions_refuses_cycles_and_follows_step_models(t
                 with pytest.raises(grpc.RpcError) as err:
                     stub.ModelInfer(request(name), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'ident'" in err.value.details()
+            # gRPC health follows readiness, not just the ensemble's own load state.
+            wait_until(lambda: health_of(channel, "pipe_outer") == "NOT_SERVING", "pipe_outer to be NOT_SERVING")
             load(stub, "ident")
             assert stub.ModelReady(pb.ModelReadyRequest(name="pipe_outer"), timeout=30).ready
+            wait_until(lambda: health_of(channel, "pipe_outer") == "SERVING", "pipe_outer to be SERVING again")
             assert first_output(stub.ModelInfer(request("pipe_outer"), timeout=30)) == [1.5, 1.5]
     finally:
         assert server.stop() == 0, server.log()

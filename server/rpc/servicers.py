@@ -23,7 +23,7 @@ from server.core.errors import (
     UnsupportedError,
 )
 from server.core.generation import request_args
-from server.repository.registry import READY, ModelRegistry
+from server.repository.registry import ModelRegistry
 from server.rpc import converters, status
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
@@ -133,7 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return False
         if self._state.strict_readiness:
             # Models unloaded on purpose (explicit mode) do not make the server unready.
-            return all(e.state == READY or e.reason == "unloaded" for e in self._registry.entries())
+            return all(self._registry.is_ready(e.name) or e.reason == "unloaded" for e in self._registry.entries())
         return True
 
     @status.unary
