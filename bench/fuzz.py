@@ -2,7 +2,8 @@
 
 Builds the test model repository, starts `ortserve serve` on it, and runs the same hypothesis
 strategies: generated ModelInferRequests (on ModelInfer and ModelStreamInfer), raw random bodies
-on every RPC path, and well-formed requests that must succeed. Prints the answers by status code;
+on every RPC path, well-formed requests that must succeed, and generated sampling settings for the
+text model (tests/test_property_generation.py) on ModelInfer, ModelStreamInfer and Generate. Prints the answers by status code;
 exits 1 on any UNKNOWN or INTERNAL answer (hypothesis prints the smallest request that gives it)
 or when the server dies.
 
@@ -12,6 +13,7 @@ or when the server dies.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import ServerProcess, build_repository  # noqa: E402
 from tests.test_property import FIXED_GOOD, check_alive, make_checks  # noqa: E402
+from tests.test_property_generation import MODEL, check_generation_alive, make_generation_checks  # noqa: E402
 
 
 def main() -> int:
@@ -36,12 +39,15 @@ def main() -> int:
     failure = ""
     with tempfile.TemporaryDirectory(prefix="ortserve-fuzz-") as tmp:
         repository = build_repository(Path(tmp) / "model_repository")
+        shutil.copytree(ROOT / "model_repository" / MODEL, repository.path / MODEL)
         workdir = Path(tmp) / "server"
         workdir.mkdir()
         server = ServerProcess(repository.path, workdir, "--strict-readiness", "false")
         try:
             with grpc.insecure_channel(server.address) as channel:
-                for check in make_checks(channel, seen, args.examples, args.seed):
+                checks = make_checks(channel, seen, args.examples, args.seed)
+                checks += make_generation_checks(channel, seen, args.examples, args.seed)
+                for check in checks:
                     name = getattr(check, "__name__", "check")
                     print(f"running {name} ({args.examples} examples)", flush=True)
                     try:
@@ -54,6 +60,7 @@ def main() -> int:
                 else:
                     try:
                         check_alive(channel, FIXED_GOOD)
+                        check_generation_alive(channel)
                     except (grpc.RpcError, AssertionError) as exc:
                         failure = failure or f"server not answering after the run: {exc}"
         finally:
