@@ -18,7 +18,7 @@ from server.core.errors import ServerError
 from server.repository.registry import ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc import converters
-from server.rpc.pb import _pool
+from server.schema import _pool
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.generation_servicer import TextGenerationServicer
 from server.rpc.registration import (

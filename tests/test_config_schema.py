@@ -19,7 +19,7 @@ from exporters.export import ExportSpec, export_torch
 from server.core.errors import ModelLoadError
 from server.repository import config as model_config
 from server.repository.repository import parse_config
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 from tests.conftest import ServerProcess
 
 # A Triton config that spells out every feature ortserve refuses, each at its disabled value, plus the

@@ -1,4 +1,4 @@
-"""The committed server/rpc/pb code is exactly what scripts/gen_protos.py makes from protos/."""
+"""The committed server/schema and server/rpc/pb code is exactly what scripts/gen_protos.py makes from protos/."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    fresh = {p.name: p.read_text() for p in module.generate(tmp_path)}
-    committed = {p.name: p.read_text() for p in (ROOT / "server" / "rpc" / "pb").iterdir() if p.is_file()}
+    fresh = {str(p.relative_to(tmp_path)): p.read_text() for p in module.generate(tmp_path)}
+    committed = {
+        str(p.relative_to(ROOT / "server")): p.read_text()
+        for folder in ("schema", "rpc/pb")
+        for p in (ROOT / "server" / folder).iterdir()
+        if p.is_file()
+    }
     assert sorted(fresh) == sorted(committed), "run: python scripts/gen_protos.py"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated files {stale}; run: python scripts/gen_protos.py"
@@ -26,7 +31,7 @@ def test_wire_compatible_with_tritonclient() -> None:
     from tritonclient.grpc import service_pb2 as triton
 
     from server.rpc.pb import grpc_service_pb2 as ours
-    from server.rpc.pb import model_config_pb2 as our_config
+    from server.schema import model_config_pb2 as our_config
 
     pairs = [(ours, triton), (our_config, triton_config)]
     for our_module, their_module in pairs:
@@ -59,3 +64,16 @@ def _compare(ours, theirs) -> None:  # type: ignore[no-untyped-def]
         other_nested = {n.name: n for n in theirs.nested_types}.get(nested.name)
         if other_nested is not None:
             _compare(nested, other_nested)
+
+
+def test_schema_and_protocol_share_one_private_pool() -> None:
+    """grpc_service.proto imports model_config.proto: both live in server.schema's pool, not the default one."""
+    from server.rpc.pb import grpc_service_pb2 as pb
+    from server.schema import _pool
+    from server.schema import model_config_pb2 as mc
+
+    assert pb.DESCRIPTOR.pool is _pool.POOL and mc.DESCRIPTOR.pool is _pool.POOL
+    assert pb.ModelConfigResponse.DESCRIPTOR.fields_by_name["config"].message_type is mc.ModelConfig.DESCRIPTOR
+    response = pb.ModelConfigResponse()
+    response.config.CopyFrom(mc.ModelConfig(name="m", max_batch_size=4))
+    assert pb.ModelConfigResponse.FromString(response.SerializeToString()).config.max_batch_size == 4

@@ -25,6 +25,7 @@ from server.core.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,
+    ModelRunError,
     QueueFullError,
     ServerError,
 )
@@ -389,10 +390,6 @@ def run_instance(instance: Runtime, feed: dict[str, np.ndarray], names: Sequence
         text = str(exc).strip()
         raise ModelRunError(text.splitlines()[0][:200] if text else "model run failed") from exc
     return results, time.perf_counter_ns() - start
-
-
-class ModelRunError(ServerError):
-    """ONNX Runtime failed while running a batch that passed validation."""
 
 
 def _queue_timeout_s(policy: QueuePolicy, request_timeout_us: int) -> float | None:

@@ -1,4 +1,4 @@
-"""Domain exceptions; rpc/status.py maps each to one gRPC status code."""
+"""Domain exceptions, known to no transport; each front end maps them to its own codes (rpc/status.py for gRPC)."""
 
 
 class ServerError(Exception):
@@ -35,6 +35,10 @@ class UnsupportedError(ServerError):
 
 class PermissionDeniedError(ServerError):
     """The operation is refused by the server's configuration."""
+
+
+class ModelRunError(ServerError):
+    """ONNX Runtime failed while running a batch that passed validation (answered as an internal error)."""
 
 
 class ModelLoadError(ServerError):

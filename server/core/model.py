@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from server.core.batcher import ModelRunError, Scheduler, SchedulerConfig
-from server.core.errors import InvalidInputError, quoted
+from server.core.batcher import Scheduler, SchedulerConfig
+from server.core.errors import InvalidInputError, ModelRunError, quoted
 from server.core.generation import GenerationScheduler, request_args
 from server.core.statistics import ModelStats
 from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
@@ -323,4 +323,4 @@ def classify(data: np.ndarray, k: int, labels: list[str], batched: bool) -> np.n
     return out if batched else out.reshape(k)
 
 
-__all__ = ["Model", "ModelSignature", "ModelRunError", "SignatureValidator", "classify"]
+__all__ = ["Model", "ModelSignature", "SignatureValidator", "classify"]

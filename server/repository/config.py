@@ -13,7 +13,7 @@ from server.core.errors import ModelLoadError, quoted
 from server.core.types import TensorSpec
 from server.runtime import onnx as ort_runtime
 from server.runtime.base import GraphTensor
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"

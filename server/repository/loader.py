@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from server.core import datatypes
+from server.core import bytes_codec, datatypes
 from server.core.errors import ModelLoadError
 from server.core.generation import GenerationScheduler
 from server.core.types import TensorSpec
@@ -28,7 +28,7 @@ from server.repository.repository import (
 )
 from server.runtime import gate
 from server.runtime import onnx as ort_runtime
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +270,7 @@ def _warmup_array(name: str, spec: TensorSpec, entry: mc.ModelWarmup.Input, batc
             raise ModelLoadError(f"warm-up file '{entry.input_data_file}' is not in {model_dir.name}/warmup/")
         raw = path.read_bytes()
         if spec.datatype == "BYTES":
-            from server.rpc.tensor_codec import decode_bytes
-
-            one = decode_bytes(raw, count // max(batch, 1), name)
+            one = bytes_codec.decode_bytes(raw, count // max(batch, 1), name)
             return np.concatenate([one] * max(batch, 1)).reshape(shape)
         single = np.frombuffer(raw, dtype=dtype.numpy_dtype)
         return np.concatenate([single] * max(batch, 1)).reshape(shape)

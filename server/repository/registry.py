@@ -28,7 +28,7 @@ from server.repository.repository import (
     VersionLoadError,
     parse_version,
 )
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 

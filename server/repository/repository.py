@@ -12,7 +12,7 @@ import yaml
 from google.protobuf import json_format, text_format
 
 from server.core.errors import InvalidInputError, ModelLoadError, ModelNotFoundError, ServerError, quoted
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
 

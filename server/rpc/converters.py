@@ -10,9 +10,10 @@ from server.core import datatypes
 from server.core.errors import InvalidInputError, UnsupportedError, quoted
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
 from server.repository.registry import IndexEntry, ServedModel
+from server.core import bytes_codec
 from server.rpc import tensor_codec
 from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 MAX_DIMS = 32
 # InferStatistics fields that ortserve fills, and the per-batch-size ones.
@@ -73,7 +74,7 @@ def infer_request_from_pb(request: pb.ModelInferRequest) -> InferRequest:
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(f"input {quoted(name)} sets contents while the request uses raw_input_contents")
-            data = tensor_codec.decode_raw(raw[index], tensor.datatype, shape, name)
+            data = bytes_codec.decode_raw(raw[index], tensor.datatype, shape, name)
         else:
             data = tensor_codec.decode_typed(tensor.contents, tensor.datatype, shape, name)
         inputs.append(InputTensor(name, tensor.datatype, shape, data))
@@ -100,7 +101,7 @@ def infer_response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     params_to_pb(response.parameters, message.parameters)
     for output in response.outputs:
         message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
-        message.raw_output_contents.append(tensor_codec.encode_raw(output.data, output.datatype))
+        message.raw_output_contents.append(bytes_codec.encode_raw(output.data, output.datatype))
     return message
 
 

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc
 
 from server.core import errors
-from server.core.batcher import ModelRunError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelRunError: grpc.StatusCode.INTERNAL,
+    errors.ModelRunError: grpc.StatusCode.INTERNAL,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
@@ -72,7 +71,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _log(exc: BaseException, method: str) -> None:
-    if isinstance(exc, errors.ServerError) and not isinstance(exc, ModelRunError):
+    if isinstance(exc, errors.ServerError) and not isinstance(exc, errors.ModelRunError):
         logger.info("%s: %s", method, exc)
     else:
         logger.error("%s failed", method, exc_info=exc)

@@ -202,9 +202,25 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
         return chunks
 
     tasks = [asyncio.create_task(consume(i)) for i in range(64)]
-    while min(len(r) for r in received) < 10:  # hand out steps until every stream is 10 tokens in
+
+    async def until(condition) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(12_000):  # 60 s
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("timed out")
+
+    def waiting() -> bool:  # the model thread waits at the gate for its next permit
+        return gated.entered == len(gated.batch_sizes) + 1
+
+    # Hand out steps one at a time until every stream is 10 tokens in. Each permit is taken
+    # before the next is given, so none is banked: a banked permit would let the thread run
+    # full-batch steps while the test cancels, however the machine's threads are scheduled.
+    await until(waiting)
+    while min(len(r) for r in received) < 10:
+        runs = len(gated.batch_sizes)
         gated.permits.release()
-        await asyncio.sleep(0.005)
+        await until(lambda: len(gated.batch_sizes) > runs and waiting())
     # The model thread is now waiting for a permit: the batch holds all 64 streams.
     streams = list(scheduler._active)
     assert len(streams) == 64
@@ -222,7 +238,7 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
     # The step in flight when they left is the last one that carried their rows.
     assert all(s.steps_after_cancel <= 1 for s in cancelled)
-    assert all(size == 32 for size in gated.batch_sizes[runs_before_cancel + 1 :])
+    assert all(size == 32 for size in gated.batch_sizes[runs_before_cancel + 1 :]), f"{runs_before_cancel} {gated.batch_sizes}"
     await wait_until(lambda: scheduler.active == 0, "finished streams to leave the batch")
     # Rows moved into the places of cancelled ones kept their own caches: each survivor wrote
     # what it writes alone.

@@ -19,7 +19,7 @@ from server.repository.repository import (
     parse_config,
     parse_version,
 )
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 PBTXT = """
 name: "m"

@@ -15,7 +15,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
-from . import model_config_pb2 as _model_config_pb2
+from server.schema import model_config_pb2 as _model_config_pb2
 import sys
 import typing as _typing
 
