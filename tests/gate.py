@@ -47,12 +47,15 @@ class Gate:
         return int(json.loads((self.directory / f"entered.{run}").read_text())["rows"])
 
     def wait_entered(self, seen: int, timeout_s: float = WAIT_S) -> str:
-        """Waits until more than `seen` runs have reached the gate; returns the newest one's id."""
+        """Waits until more than `seen` runs have reached the gate; returns the id of run number `seen` + 1.
+
+        Count `seen` before starting whatever makes the run: the run may reach the gate at once.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             runs = self.entered()
             if len(runs) > seen:
-                return runs[-1]
+                return runs[seen]
             if time.monotonic() > deadline:
                 raise AssertionError(f"no run reached the gate in {timeout_s} s ({len(runs)} so far)")
             time.sleep(0.002)

@@ -254,9 +254,12 @@ def generate_in_thread(server: ServerProcess, max_tokens: int) -> tuple[threadin
     return thread, received
 
 
-def hold_mid_stream(gate: Gate, steps: int) -> None:
-    """Lets `steps` runs through the (held) gate one by one, then waits for the next one to arrive."""
-    seen = len(gate.entered())
+def hold_mid_stream(gate: Gate, steps: int, seen: int) -> None:
+    """Lets `steps` runs through the (held) gate one by one, then waits for the next one to arrive.
+
+    `seen` is the number of runs at the gate before the stream started (counted before it
+    starts: its first run may reach the gate before this function is called).
+    """
     for i in range(steps):
         gate.release(gate.wait_entered(seen + i))
     gate.wait_entered(seen + steps)
@@ -267,8 +270,9 @@ def test_admitted_streams_finish_across_an_unload_or_reload(explicit_server, act
     client = grpcclient.InferenceServerClient(explicit_server.address)
     gate = explicit_server.gate
     with gate.held():
+        seen = len(gate.entered())
         thread, received = generate_in_thread(explicit_server, 240)
-        hold_mid_stream(gate, 20)  # prefill and 19 decode steps done; the stream is mid-way
+        hold_mid_stream(gate, 20, seen)  # prefill and 19 decode steps done; the stream is mid-way
         if action == "unload":
             client.unload_model(GATED)
             wait_until(lambda: not client.is_model_ready(GATED), "the model to stop taking requests")
