@@ -17,10 +17,9 @@ from server import workers
 from server.core.errors import ServerError
 from server.repository.registry import ModelRegistry
 from server.repository.repository import ModelRepository
-from server.rpc import converters
-from server.schema import _pool
-from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.generation_servicer import TextGenerationServicer
+from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.peers import GrpcPeers
 from server.rpc.registration import (
     GENERATION_SERVICE,
     add_generation_service,
@@ -28,7 +27,10 @@ from server.rpc.registration import (
     add_inference_service,
     add_reflection_service,
 )
-from server.rpc.servicers import InferenceServicer, ServerState
+from server.rpc.servicers import InferenceServicer
+from server.schema import _pool
+from server.service.control import decode_override
+from server.service.dataplane import DataPlane, ServerState, WorkerPeers
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class OrtServer:
         )
         self.state = ServerState(settings.strict_readiness)
         self.health = health.aio.HealthServicer()
-        self.servicer = InferenceServicer(self.registry, self.state, server_version(), settings.model_control_mode)
+        self.plane = DataPlane(self.registry, self.state, server_version(), settings.model_control_mode)
         self._background: set[asyncio.Task[None]] = set()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -97,8 +99,8 @@ class OrtServer:
             ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
         server = grpc.aio.server(options=options)
-        add_inference_service(self.servicer, server)
-        add_generation_service(TextGenerationServicer(self.registry), server)
+        add_inference_service(InferenceServicer(self.plane), server)
+        add_generation_service(TextGenerationServicer(self.plane), server)
         add_health_service(self.health, server)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
@@ -110,9 +112,8 @@ class OrtServer:
             raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
         if worker is not None and self.settings.peer_dir is not None:
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
-            self.servicer.peers = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
-            self.servicer.worker_index = worker
-            self.servicer.peer_dir = self.settings.peer_dir
+            addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
+            self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()
         if control_fd is not None:
             workers.unlock_control(control_fd)
@@ -139,9 +140,8 @@ class OrtServer:
             await self.registry.load_all(self._startup_models())
             return
         for name, data in recorded.items():
-            request = pb.RepositoryModelLoadRequest.FromString(data)
             try:
-                await self.registry.load(name, converters.config_override_from_pb(request.parameters))
+                await self.registry.load(name, decode_override(data))
             except ServerError as exc:
                 logger.error("model '%s' not loaded: %s", name, exc)
 
@@ -173,7 +173,7 @@ class OrtServer:
     async def _publish_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        ready = self.servicer.server_ready()
+        ready = self.plane.ready()
         await self.health.set("", serving if ready else not_serving)
         await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
         for entry in self.registry.entries():
@@ -198,7 +198,7 @@ class OrtServer:
         self._server = None
         for task in list(self._background):
             task.cancel()
-        await self.servicer.close()
+        await self.plane.close()
         await self.registry.close()
         logger.info("stopped")
 

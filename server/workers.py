@@ -82,18 +82,27 @@ def unlock_control(fd: int) -> None:
     os.close(fd)  # closing the only descriptor of this open file drops its flock
 
 
-def read_models(peer_dir: Path) -> dict[str, bytes] | None:
-    """The models every worker should have loaded (name -> serialized load request), or None before any change."""
+def read_models(peer_dir: Path) -> dict[str, bytes | None] | None:
+    """The models every worker should have loaded, or None before any change.
+
+    Returns:
+        Model name -> its serialized config override (a ModelConfig), None when it loads its own config.
+    """
     try:
         data = json.loads((peer_dir / MODELS_FILE).read_text())
     except FileNotFoundError:
         return None
-    return {name: base64.b64decode(value) for name, value in data["models"].items()}
+    return {name: None if value is None else base64.b64decode(value) for name, value in data["models"].items()}
 
 
-def write_models(peer_dir: Path, models: dict[str, bytes]) -> None:
+def write_models(peer_dir: Path, models: dict[str, bytes | None]) -> None:
     """Records the current set of models, atomically (a reader never sees half a file)."""
-    data = {"models": {name: base64.b64encode(value).decode("ascii") for name, value in sorted(models.items())}}
+    data = {
+        "models": {
+            name: None if value is None else base64.b64encode(value).decode("ascii")
+            for name, value in sorted(models.items())
+        }
+    }
     tmp = peer_dir / f"{MODELS_FILE}.tmp"
     tmp.write_text(json.dumps(data))
     os.replace(tmp, peer_dir / MODELS_FILE)

@@ -297,23 +297,39 @@ class _FakeRegistry:
         self.ready.discard(name)
 
 
-def _servicer(tmp_path: Path, registry: _FakeRegistry, peer_results: list[object]):  # type: ignore[no-untyped-def]
-    """A servicer with one sibling whose answers are `peer_results`, one per call, in order."""
-    from server.rpc.servicers import InferenceServicer, ServerState
+class _FakePeers:
+    """One sibling whose answers are `results`, one per call, in order; records what was asked of it."""
 
-    servicer = InferenceServicer(registry, ServerState(True), "test", "explicit")  # type: ignore[arg-type]
-    servicer.peers, servicer.peer_dir = ["unix:sibling"], tmp_path
-    sent: list[tuple[str, object]] = []
+    def __init__(self, results: list[object]) -> None:
+        self.results = results
+        self.sent: list[tuple[str, str, object]] = []
 
-    async def on_peer(address: str, method: str, request: object) -> bool:
-        sent.append((method, request))
-        result = peer_results.pop(0)
+    def _answer(self, call: tuple[str, str, object]) -> bool:
+        self.sent.append(call)
+        result = self.results.pop(0)
         if isinstance(result, BaseException):
             raise result
         return bool(result)
 
-    servicer._on_peer = on_peer  # type: ignore[method-assign]
-    return servicer, sent
+    async def statistics(self, address: str, name: str, version: str) -> None:
+        return None
+
+    async def load(self, address: str, name: str, config: object) -> bool:
+        return self._answer(("load", name, config))
+
+    async def unload(self, address: str, name: str) -> bool:
+        return self._answer(("unload", name, None))
+
+    async def close(self) -> None:
+        pass
+
+
+def _control(tmp_path: Path, registry: _FakeRegistry, peer_results: list[object]):  # type: ignore[no-untyped-def]
+    """Model control over the fake registry, with one sibling answering `peer_results` (no gRPC involved)."""
+    from server.service.control import ModelControl
+
+    peers = _FakePeers(peer_results)
+    return ModelControl(registry, peers, ["unix:sibling"], tmp_path, 0), peers.sent  # type: ignore[arg-type]
 
 
 async def test_a_first_load_that_fails_on_one_worker_is_undone_on_the_others(tmp_path: Path) -> None:
@@ -321,33 +337,29 @@ async def test_a_first_load_that_fails_on_one_worker_is_undone_on_the_others(tmp
     from server.core.errors import InvalidInputError
 
     registry = _FakeRegistry({"addsub"})
-    servicer, sent = _servicer(tmp_path, registry, [InvalidInputError("failed to load 'digits': no memory"), True])
+    control, sent = _control(tmp_path, registry, [InvalidInputError("failed to load 'digits': no memory"), True])
     with pytest.raises(InvalidInputError, match="no memory"):
-        await servicer._load_everywhere(pb.RepositoryModelLoadRequest(model_name="digits"), None)
+        await control.load("digits", None)
     assert registry.calls == [("load", "digits", None), ("unload", "digits", None)]
     assert "digits" not in registry.ready
-    assert [method for method, _ in sent] == ["RepositoryModelLoad"]  # the sibling never had it
+    assert [call for call, _, _ in sent] == ["load"]  # the sibling never had it
     assert workers.read_models(tmp_path) is None  # the recorded set is unchanged
 
 
 async def test_a_reload_that_fails_on_one_worker_brings_the_others_back_to_the_previous_config(tmp_path: Path) -> None:
     from server import workers
     from server.core.errors import ModelLoadError
+    from server.schema import model_config_pb2 as mc
 
-    previous = pb.RepositoryModelLoadRequest(model_name="digits")
-    previous.parameters["config"].string_param = '{"max_batch_size": 4}'
+    previous = mc.ModelConfig(max_batch_size=4)
     workers.write_models(tmp_path, {"digits": previous.SerializeToString()})
     registry = _FakeRegistry({"digits"}, fail_load=True)
-    servicer, sent = _servicer(tmp_path, registry, [True, True])
-    new = pb.RepositoryModelLoadRequest(model_name="digits")
-    new.parameters["config"].string_param = '{"max_batch_size": 8}'
+    control, sent = _control(tmp_path, registry, [True, True])
     with pytest.raises(ModelLoadError, match="out of memory"):
-        await servicer._load_everywhere(new, None)
+        await control.load("digits", mc.ModelConfig(max_batch_size=8))
     # The sibling loaded the new config; it is reloaded with the recorded one, here nothing changed.
-    assert [(m, r.parameters["config"].string_param) for m, r in sent] == [  # type: ignore[attr-defined]
-        ("RepositoryModelLoad", '{"max_batch_size": 8}'), ("RepositoryModelLoad", '{"max_batch_size": 4}')
-    ]
-    assert registry.calls == [("load", "digits", None)]
+    assert [(call, config.max_batch_size) for call, _, config in sent] == [("load", 8), ("load", 4)]  # type: ignore[attr-defined]
+    assert [(call, name) for call, name, _ in registry.calls] == [("load", "digits")]
     assert workers.read_models(tmp_path) == {"digits": previous.SerializeToString()}
 
 
@@ -355,16 +367,16 @@ async def test_unload_is_not_found_only_when_no_worker_had_the_model(tmp_path: P
     from server.core.errors import ModelNotFoundError
 
     registry = _FakeRegistry(set())
-    servicer, _ = _servicer(tmp_path, registry, [True, ModelNotFoundError("model 'x' is not loaded")])
+    control, _ = _control(tmp_path, registry, [True, ModelNotFoundError("model 'x' is not loaded")])
 
     async def not_loaded(name: str) -> None:
         raise ModelNotFoundError(f"model '{name}' is not loaded")
 
     registry.unload = not_loaded  # type: ignore[method-assign]
     # Here it was not loaded but the sibling had it: the workers agree again, and that is a success.
-    await servicer._unload_everywhere(pb.RepositoryModelUnloadRequest(model_name="x"))
+    await control.unload("x")
     with pytest.raises(ModelNotFoundError):
-        await servicer._unload_everywhere(pb.RepositoryModelUnloadRequest(model_name="x"))
+        await control.unload("x")
 
 
 class _FakeProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +12,18 @@ import numpy as np
 
 from server.core.batcher import Scheduler, SchedulerConfig
 from server.core.errors import InvalidInputError, ModelRunError, quoted
-from server.core.generation import GenerationScheduler, request_args
+from server.core.generation import GenerationScheduler, TokenChunk, request_args
+from server.core.sampling import SamplingParams
 from server.core.statistics import ModelStats
-from server.core.types import InferRequest, InferResponse, OutputTensor, ParamValue, RequestedOutput, TensorSpec
+from server.core.types import (
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    ParamValue,
+    RequestedOutput,
+    TensorSpec,
+    TextResponse,
+)
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -192,7 +201,9 @@ class Model:
             QueueFullError, DeadlineExceededError: from the scheduler.
         """
         if self.generator is not None:
-            return await self._complete(request, deadline_s)
+            # The whole completion in one `text_output` (an ensemble step, or a unary call).
+            (answer,) = [r async for r in self.text_responses(request, deadline_s, decoupled=False)]
+            return answer.to_infer_response()
         start = time.perf_counter_ns()
         ok = False
         try:
@@ -218,27 +229,84 @@ class Model:
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - start)
 
+    async def text_responses(
+        self, request: InferRequest, deadline_s: float | None, decoupled: bool
+    ) -> AsyncIterator[TextResponse]:
+        """Triton's text-generation convention: the one place that assembles its responses.
+
+        The request carries `text_input` and the optional settings of GenerationArgs. Unary
+        (ModelInfer, an HTTP generate), it gets one response whose `text_output` is the prompt
+        followed by the completion, or the completion alone with `exclude_input_in_output`.
+        Decoupled (ModelStreamInfer, an HTTP generate_stream), it gets a series: with `stream`
+        (the default there) one delta per chunk, else the whole text once at the end; each
+        is flagged final or not; with `triton_enable_empty_final_response` the last is an
+        extra, empty one. The request counts once in the statistics, success or failure.
+
+        Raises:
+            InvalidInputError: not a text-generation model; malformed tensors or settings.
+            ServerError: from the generation scheduler (queue full, deadline, model stopping).
+        """
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            async for response in self._assemble_text(request, deadline_s, decoupled):
+                yield response
+            ok = True
+        finally:
+            if self.generator is not None:
+                self.record_generation(ok, time.perf_counter_ns() - started)
+
+    async def _assemble_text(
+        self, request: InferRequest, deadline_s: float | None, decoupled: bool
+    ) -> AsyncIterator[TextResponse]:
+        if self.generator is None:
+            raise InvalidInputError(f"model '{self.name}' is not a text-generation model")
+        args = request_args(request, self.validator.validate, default_stream=decoupled)
+        version = str(self.version)
+        prefix = "" if args.exclude_input else args.prompt.decode("utf-8", "replace")
+        chunks = self.generator.generate(args.prompt, args.params, deadline_s)
+        if not decoupled:
+            pieces = [prefix] + [chunk.text async for chunk in chunks]
+            yield TextResponse(self.name, version, request.id, "".join(pieces), None)
+            return
+        pieces = []
+        async for chunk in chunks:
+            last = chunk.finish_reason is not None
+            if args.stream:
+                text = chunk.text
+            else:
+                pieces.append(chunk.text)
+                if not last:
+                    continue
+                text = prefix + "".join(pieces)
+            if last and args.empty_final and not text:
+                break
+            yield TextResponse(self.name, version, request.id, text, last and not args.empty_final)
+        if args.empty_final:
+            yield TextResponse(self.name, version, request.id, None, True)
+
+    async def token_chunks(self, prompt: str, params: SamplingParams, deadline_s: float | None) -> AsyncIterator[TokenChunk]:
+        """Typed text generation (ortserve.v1.TextGeneration): token chunks as the model makes them.
+
+        Raises:
+            InvalidInputError: not a text-generation model.
+        """
+        if self.generator is None:
+            raise InvalidInputError(f"model '{self.name}' is not a text-generation model")
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            async for chunk in self.generator.generate(prompt.encode("utf-8"), params, deadline_s):
+                yield chunk
+            ok = True
+        finally:
+            self.record_generation(ok, time.perf_counter_ns() - started)
+
     def record_generation(self, ok: bool, total_ns: int) -> None:
         """Counts one finished text-generation request (one inference; its decode steps run batched)."""
         if ok:
             self.stats.record_execution(1, 1, 0, total_ns, 0)
         self.stats.record_request(ok, total_ns)
-
-    async def _complete(self, request: InferRequest, deadline_s: float | None) -> InferResponse:
-        """Unary inference on a generation model: the whole completion in one `text_output`."""
-        assert self.generator is not None
-        start = time.perf_counter_ns()
-        ok = False
-        try:
-            args = request_args(request, self.validator.validate, default_stream=False)
-            pieces = [] if args.exclude_input else [args.prompt.decode("utf-8", "replace")]
-            async for chunk in self.generator.generate(args.prompt, args.params, deadline_s):
-                pieces.append(chunk.text)
-            text = np.array(["".join(pieces).encode("utf-8")], dtype=object)
-            ok = True
-            return InferResponse(self.name, str(self.version), request.id, [OutputTensor("text_output", "BYTES", (1,), text)])
-        finally:
-            self.record_generation(ok, time.perf_counter_ns() - start)
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
         spec = self.validator.outputs[requested.name]

@@ -1,4 +1,4 @@
-"""Plain request and response types that flow between the RPC adapter and the core."""
+"""Plain request and response types that flow between the front ends, the data plane and the core."""
 
 from __future__ import annotations
 
@@ -62,6 +62,37 @@ class InferResponse:
     id: str
     outputs: list[OutputTensor] = field(default_factory=list)
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+# The response parameter that flags the last response of a decoupled series (Triton's name).
+FINAL_PARAMETER = "triton_final_response"
+
+
+@dataclass(frozen=True)
+class TextResponse:
+    """One response of Triton's text-generation convention (see Model.text_responses).
+
+    Attributes:
+        text: The `text_output`; None for the empty final response (no output at all).
+        final: Whether this is the last response of a decoupled series; None for a unary
+            answer, which is not one of a series (no `triton_final_response` parameter).
+    """
+
+    model_name: str
+    model_version: str
+    id: str
+    text: str | None
+    final: bool | None
+
+    def to_infer_response(self) -> InferResponse:
+        """The same response as a tensor response: `text_output` a BYTES [1] tensor."""
+        response = InferResponse(self.model_name, self.model_version, self.id)
+        if self.final is not None:
+            response.parameters[FINAL_PARAMETER] = self.final
+        if self.text is not None:
+            data = np.array([self.text.encode("utf-8")], dtype=object)
+            response.outputs.append(OutputTensor("text_output", "BYTES", (1,), data))
+        return response
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,21 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from server.core import datatypes
+from server.core import bytes_codec, datatypes
 from server.core.errors import InvalidInputError, UnsupportedError, quoted
+from server.core.generation import TokenChunk
+from server.core.sampling import SamplingParams
+from server.core.statistics import Duration
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
-from server.repository.registry import IndexEntry, ServedModel
-from server.core import bytes_codec
+from server.repository.registry import IndexEntry
 from server.rpc import tensor_codec
 from server.rpc.pb import grpc_service_pb2 as pb
+from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.schema import model_config_pb2 as mc
+from server.service.dataplane import ModelMetadata, ServerMetadata
+from server.service.statistics import BATCH_DURATIONS, REQUEST_DURATIONS, VersionStatistics
 
 MAX_DIMS = 32
-# InferStatistics fields that ortserve fills, and the per-batch-size ones.
-REQUEST_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-BATCH_DURATIONS = ("compute_input", "compute_infer", "compute_output")
 
 
 def params_from_pb(params: Any) -> dict[str, ParamValue]:
@@ -105,38 +107,64 @@ def infer_response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-def model_metadata_to_pb(name: str, models: list[ServedModel]) -> pb.ModelMetadataResponse:
-    """ModelMetadata for the served versions of one model (signature of the highest)."""
-    newest = models[-1]
-    batch = [-1] if newest.signature.max_batch_size > 0 else []
-    message = pb.ModelMetadataResponse(name=name, versions=[str(m.version) for m in models], platform=newest.platform)
-    for spec in newest.signature.inputs:
-        message.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + list(spec.dims))
-    for spec in newest.signature.outputs:
-        message.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + list(spec.dims))
+def model_metadata_to_pb(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
+    """ModelMetadata for the served versions of one model."""
+    message = pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform)
+    for tensor in metadata.inputs:
+        message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    for tensor in metadata.outputs:
+        message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
     return message
 
 
-def model_statistics_to_pb(model: ServedModel, target: pb.ModelStatistics) -> None:
-    """Fills one ModelStatistics entry from a model's counters."""
-    stats = model.stats
-    target.name = model.name
-    target.version = str(model.version)
-    target.last_inference = stats.last_inference_ms
-    target.inference_count = stats.inference_count
-    target.execution_count = stats.execution_count
-    inference = target.inference_stats
-    for field_name in REQUEST_DURATIONS:
-        duration = getattr(stats, field_name)
-        getattr(inference, field_name).count = duration.count
-        getattr(inference, field_name).ns = duration.ns
-    for batch_size in sorted(stats.batch_stats):
-        per_batch = stats.batch_stats[batch_size]
-        entry = target.batch_stats.add(batch_size=batch_size)
-        for field_name in BATCH_DURATIONS:
-            duration = getattr(per_batch, field_name)
-            getattr(entry, field_name).count = duration.count
-            getattr(entry, field_name).ns = duration.ns
+def server_metadata_to_pb(metadata: ServerMetadata) -> pb.ServerMetadataResponse:
+    """The server's name, version and extensions."""
+    return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
+
+
+def statistics_to_pb(stats: list[VersionStatistics]) -> pb.ModelStatisticsResponse:
+    """ModelStatistics entries, one per model version, in the order given."""
+    message = pb.ModelStatisticsResponse()
+    for version_stats in stats:
+        target = message.model_stats.add(
+            name=version_stats.name,
+            version=version_stats.version,
+            last_inference=version_stats.last_inference_ms,
+            inference_count=version_stats.inference_count,
+            execution_count=version_stats.execution_count,
+        )
+        for field_name in REQUEST_DURATIONS:
+            duration = version_stats.requests[field_name]
+            getattr(target.inference_stats, field_name).count = duration.count
+            getattr(target.inference_stats, field_name).ns = duration.ns
+        for batch_size, durations in sorted(version_stats.batches.items()):
+            entry = target.batch_stats.add(batch_size=batch_size)
+            for field_name in BATCH_DURATIONS:
+                getattr(entry, field_name).count = durations[field_name].count
+                getattr(entry, field_name).ns = durations[field_name].ns
+    return message
+
+
+def statistics_from_pb(message: pb.ModelStatisticsResponse) -> list[VersionStatistics]:
+    """A sibling worker's ModelStatistics back into plain values (the fields ortserve fills)."""
+    out = []
+    for entry in message.model_stats:
+        stats = VersionStatistics(
+            name=entry.name,
+            version=entry.version,
+            last_inference_ms=entry.last_inference,
+            inference_count=entry.inference_count,
+            execution_count=entry.execution_count,
+        )
+        for field_name in REQUEST_DURATIONS:
+            duration = getattr(entry.inference_stats, field_name)
+            stats.requests[field_name] = Duration(duration.count, duration.ns)
+        for batch in entry.batch_stats:
+            stats.batches[batch.batch_size] = {
+                name: Duration(getattr(batch, name).count, getattr(batch, name).ns) for name in BATCH_DURATIONS
+            }
+        out.append(stats)
+    return out
 
 
 def repository_index_to_pb(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse:
@@ -145,38 +173,6 @@ def repository_index_to_pb(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse
     for row in rows:
         message.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
     return message
-
-
-def _add_duration(target: Any, source: Any) -> None:
-    target.count += source.count
-    target.ns += source.ns
-
-
-def merge_statistics(target: pb.ModelStatisticsResponse, other: pb.ModelStatisticsResponse) -> None:
-    """Adds another worker's statistics into `target`, model version by model version."""
-    by_key = {(s.name, s.version): s for s in target.model_stats}
-    for stats in other.model_stats:
-        mine = by_key.get((stats.name, stats.version))
-        if mine is None:
-            target.model_stats.add().CopyFrom(stats)
-            continue
-        mine.last_inference = max(mine.last_inference, stats.last_inference)
-        mine.inference_count += stats.inference_count
-        mine.execution_count += stats.execution_count
-        for field_name in REQUEST_DURATIONS:
-            _add_duration(getattr(mine.inference_stats, field_name), getattr(stats.inference_stats, field_name))
-        batches = {b.batch_size: b for b in mine.batch_stats}
-        for batch in stats.batch_stats:
-            if batch.batch_size not in batches:
-                batches[batch.batch_size] = mine.batch_stats.add(batch_size=batch.batch_size)
-            for field_name in BATCH_DURATIONS:
-                _add_duration(getattr(batches[batch.batch_size], field_name), getattr(batch, field_name))
-        ordered = sorted(mine.batch_stats, key=lambda b: b.batch_size)
-        copies = [pb.InferBatchStatistics() for _ in ordered]
-        for copy, batch in zip(copies, ordered):
-            copy.CopyFrom(batch)
-        del mine.batch_stats[:]
-        mine.batch_stats.extend(copies)
 
 
 def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
@@ -202,12 +198,26 @@ def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
     return config
 
 
-def text_response_to_pb(model: ServedModel, request_id: str, text: str | None, final: bool) -> pb.ModelInferResponse:
-    """One decoupled text-generation response; `text` None makes the empty final response."""
-    message = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request_id)
-    message.parameters["triton_final_response"].bool_param = final
-    if text is not None:
-        data = text.encode("utf-8")
-        message.outputs.add(name="text_output", datatype="BYTES", shape=[1])
-        message.raw_output_contents.append(len(data).to_bytes(4, "little") + data)
-    return message
+def sampling_params_from_pb(request: gen_pb.GenerateRequest) -> SamplingParams:
+    """Sampling settings from a GenerateRequest, with the documented defaults for unset fields."""
+    return SamplingParams(
+        max_tokens=request.max_tokens or 64,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def token_chunk_to_pb(chunk: TokenChunk) -> gen_pb.GenerateResponse:
+    """One streamed piece of a typed text generation."""
+    return gen_pb.GenerateResponse(
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        finish_reason=chunk.finish_reason or "",
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+    )

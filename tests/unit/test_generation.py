@@ -238,7 +238,10 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
     # The step in flight when they left is the last one that carried their rows.
     assert all(s.steps_after_cancel <= 1 for s in cancelled)
-    assert all(size == 32 for size in gated.batch_sizes[runs_before_cancel + 1 :]), f"{runs_before_cancel} {gated.batch_sizes}"
+    # Then every step carries the 32 survivors at most: fewer at the very end when the first
+    # prefill took only some streams (they started a step earlier, so they finish earlier).
+    after = gated.batch_sizes[runs_before_cancel + 1 :]
+    assert after[0] == 32 and all(size <= 32 for size in after), f"{runs_before_cancel} {gated.batch_sizes}"
     await wait_until(lambda: scheduler.active == 0, "finished streams to leave the batch")
     # Rows moved into the places of cancelled ones kept their own caches: each survivor wrote
     # what it writes alone.

@@ -1,0 +1,299 @@
+"""The data plane: everything a front end serves, written once and known to no transport.
+
+A front end (rpc/ for gRPC; an HTTP one alike) converts its request into the plain types
+here (core/types.py, the dataclasses below, the schema's ModelConfig), awaits one method,
+and converts the answer back. Errors are the domain exceptions of core/errors.py; each
+front end maps them to its own status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.core.errors import InvalidInputError, PermissionDeniedError, ServerUnavailableError, quoted
+from server.core.generation import TokenChunk
+from server.core.model import Model
+from server.core.sampling import SamplingParams
+from server.core.types import FINAL_PARAMETER, InferRequest, InferResponse, TextResponse
+from server.repository.registry import IndexEntry, ModelRegistry
+from server.schema import model_config_pb2 as mc
+from server.service.control import ModelControl, Peers
+from server.service.statistics import VersionStatistics, merge_statistics
+
+SERVER_NAME = "ortserve"
+# Only what is true of this server: perf_analyzer reads statistics only when "statistics"
+# is listed, and clients probe "classification" and "model_repository".
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "parameters")
+
+
+@dataclass
+class ServerState:
+    """Whether the server has started and whether it still takes new work."""
+
+    strict_readiness: bool
+    started: bool = False
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    """What the server says of itself."""
+
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    """A model input or output as metadata shows it: -1 for a variable dimension, batch included."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model's served versions and the signature of the highest."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+@dataclass(frozen=True)
+class WorkerPeers:
+    """This worker's siblings (--workers): how to call them, where they are, the shared directory."""
+
+    peers: Peers
+    addresses: tuple[str, ...]
+    peer_dir: Path
+    worker_index: int
+
+
+class DataPlane:
+    """Readiness, metadata, inference, text generation, statistics and model control over a registry.
+
+    Args:
+        registry: The loaded models.
+        state: Server readiness and draining, shared with the app.
+        version: Server version reported in the metadata.
+        control_mode: --model-control-mode; loads and unloads are refused unless "explicit".
+    """
+
+    def __init__(self, registry: ModelRegistry, state: ServerState, version: str, control_mode: str = "none") -> None:
+        self.registry = registry
+        self.state = state
+        self._version = version
+        self._control_mode = control_mode
+        self._workers: WorkerPeers | None = None
+        self._control: ModelControl | None = None
+
+    def attach_workers(self, workers: WorkerPeers) -> None:
+        """Makes statistics add up the siblings' and loads/unloads apply to every worker."""
+        self._workers = workers
+        self._control = ModelControl(
+            self.registry, workers.peers, list(workers.addresses), workers.peer_dir, workers.worker_index
+        )
+
+    @property
+    def worker_index(self) -> int | None:
+        """This worker's index when the server runs several, else None."""
+        return self._workers.worker_index if self._workers is not None else None
+
+    async def close(self) -> None:
+        """Releases the connections to sibling workers."""
+        if self._workers is not None:
+            await self._workers.peers.close()
+
+    # Health and metadata.
+
+    def live(self) -> bool:
+        """The process answers: always true while it runs."""
+        return True
+
+    def ready(self) -> bool:
+        """Ready: started, not draining, and (strict readiness) every known model ready."""
+        if not self.state.started or self.state.draining:
+            return False
+        if self.state.strict_readiness:
+            # Models unloaded on purpose (explicit mode) do not make the server unready.
+            return all(self.registry.is_ready(e.name) or e.reason == "unloaded" for e in self.registry.entries())
+        return True
+
+    def check_accepting(self) -> None:
+        """Refuses new work once the server is draining.
+
+        Raises:
+            ServerUnavailableError: the server is shutting down.
+        """
+        if self.state.draining:
+            raise ServerUnavailableError("server is shutting down")
+
+    def metadata(self) -> ServerMetadata:
+        """The server's name, version and protocol extensions."""
+        return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether the model version serves (false while the server drains)."""
+        return not self.state.draining and self.registry.is_ready(name, version)
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """The served versions of a model and the signature of the highest (or the one named).
+
+        Raises:
+            InvalidInputError, ModelNotFoundError, ModelNotReadyError: as ModelRegistry.get.
+        """
+        self.registry.get(name, version)  # refuses empty, unknown, unready
+        models = self.registry.models(name, version)
+        newest = models[-1]
+        batch = (-1,) if newest.signature.max_batch_size > 0 else ()
+        return ModelMetadata(
+            name=name,
+            versions=tuple(str(m.version) for m in models),
+            platform=newest.platform,
+            inputs=tuple(TensorMetadata(s.name, s.datatype, batch + tuple(s.dims)) for s in newest.signature.inputs),
+            outputs=tuple(TensorMetadata(s.name, s.datatype, batch + tuple(s.dims)) for s in newest.signature.outputs),
+        )
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        """The completed configuration of a served model version (shared: do not modify it)."""
+        config: mc.ModelConfig = self.registry.get(name, version).config
+        return config
+
+    # Inference.
+
+    async def infer(self, request: InferRequest, deadline_s: float | None = None) -> InferResponse:
+        """One request, one response: a tensor model's outputs, or a generation model's whole text.
+
+        Args:
+            request: The decoded request.
+            deadline_s: Seconds left before the client's deadline, if it set one.
+
+        Raises:
+            ServerUnavailableError: the server is draining.
+            ServerError: the model's or the scheduler's refusal (see Model.infer).
+        """
+        self.check_accepting()
+        model = self.registry.get(request.model_name, request.model_version)
+        # A generation model answers with its whole text (Model.text_responses, unary).
+        return await model.infer(request, deadline_s)
+
+    async def infer_decoupled(self, request: InferRequest, deadline_s: float | None = None) -> AsyncIterator[InferResponse]:
+        """The responses of one request in a stream, each flagged `triton_final_response`.
+
+        A tensor model answers once; a generation model answers with Triton's decoupled
+        text responses (Model.text_responses). The caller checks draining when the
+        request arrives (check_accepting), so that an admitted request runs to the end.
+        """
+        model = self.registry.get(request.model_name, request.model_version)
+        generating = _generation_model(model)
+        if generating is None:
+            response = await model.infer(request)
+            response.parameters[FINAL_PARAMETER] = True
+            yield response
+            return
+        async for text in generating.text_responses(request, deadline_s, decoupled=True):
+            yield text.to_infer_response()
+
+    def generate_text(
+        self, request: InferRequest, deadline_s: float | None = None, decoupled: bool = False
+    ) -> AsyncIterator[TextResponse]:
+        """A text-generation request in Triton's convention, answered as plain text responses.
+
+        Args:
+            decoupled: A series of responses (deltas when `stream`), else one with the whole text.
+
+        Raises:
+            InvalidInputError: the model is not a text-generation model, or the request is malformed.
+        """
+        self.check_accepting()
+        return self._generation_model(request.model_name, request.model_version).text_responses(
+            request, deadline_s, decoupled
+        )
+
+    def generate(
+        self, name: str, version: str, prompt: str, params: SamplingParams, deadline_s: float | None = None
+    ) -> AsyncIterator[TokenChunk]:
+        """Typed text generation: the model's token chunks for a prompt (ortserve.v1.TextGeneration).
+
+        Raises:
+            InvalidInputError: the model is not a text-generation model.
+        """
+        return self._generation_model(name, version).token_chunks(prompt, params, deadline_s)
+
+    def _generation_model(self, name: str, version: str) -> Model:
+        model = _generation_model(self.registry.get(name, version))
+        if model is None:
+            raise InvalidInputError(f"model {quoted(name)} is not a text-generation model")
+        return model
+
+    # Statistics and the repository.
+
+    async def statistics(self, name: str = "", version: str = "", local_only: bool = False) -> list[VersionStatistics]:
+        """Per model version statistics, added up over every worker unless `local_only`.
+
+        Raises:
+            InvalidInputError, ModelNotFoundError, ModelNotReadyError: for a named model, as ModelRegistry.get.
+        """
+        stats = [VersionStatistics.of(model) for model in self.registry.models(name, version)]
+        if self._workers is not None and not local_only:
+            peers = self._workers.peers
+            replies = await asyncio.gather(*(peers.statistics(a, name, version) for a in self._workers.addresses))
+            for reply in replies:
+                if reply is not None:
+                    merge_statistics(stats, reply)
+        return stats
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model on disk or known, with its state and the reason when not ready."""
+        return self.registry.index(ready_only=ready_only)
+
+    def _check_explicit(self, action: str) -> None:
+        if self._control_mode != "explicit":
+            raise PermissionDeniedError(
+                f"model {action} through the API needs --model-control-mode explicit (this server runs "
+                f"'{self._control_mode}')"
+            )
+
+    async def load(self, name: str, config: mc.ModelConfig | None = None, local_only: bool = False) -> None:
+        """Loads (or reloads) a model, on every worker unless `local_only` (a sibling's own call).
+
+        Args:
+            config: A config override that replaces the model's config file.
+
+        Raises:
+            PermissionDeniedError: the server does not run in explicit model-control mode.
+            InvalidInputError: the name is invalid or escapes the repository.
+            ServerError: the load failed (on the first failing worker, with its error).
+        """
+        self._check_explicit("loading")
+        self.registry.repository.model_dir(name)  # refuses bad names before any worker acts
+        if self._control is None or local_only:
+            await self.registry.load(name, config)
+        else:
+            await self._control.load(name, config)
+
+    async def unload(self, name: str, local_only: bool = False) -> None:
+        """Unloads a model, on every worker unless `local_only`.
+
+        Raises:
+            PermissionDeniedError: the server does not run in explicit model-control mode.
+            ModelNotFoundError: no worker had the model loaded.
+        """
+        self._check_explicit("unloading")
+        if self._control is None or local_only:
+            await self.registry.unload(name)
+        else:
+            await self._control.unload(name)
+
+
+def _generation_model(model: object) -> Model | None:
+    """The model as a text-generation model, or None when it serves tensors (ensembles included)."""
+    return model if isinstance(model, Model) and model.generator is not None else None

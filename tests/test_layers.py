@@ -1,0 +1,92 @@
+"""The layers of server/ import one way: front ends -> service -> repository -> core -> runtime.
+
+Checked on the source with `ast` (every import statement, inside functions too), so a
+lazy import cannot slip an arrow the wrong way. The generated schema may be imported from
+anywhere but imports nothing of ortserve's except itself; transports (grpc, protobuf's
+wire code) stay in the front ends.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+SERVER = ROOT / "server"
+# What each package may import of server/ besides itself and the schema.
+ALLOWED: dict[str, set[str]] = {
+    "rpc": {"service", "repository", "core", "runtime"},
+    "service": {"repository", "core", "runtime", "workers"},
+    "repository": {"core", "runtime"},
+    "core": {"runtime"},
+    # The runtime speaks the core's vocabulary (errors, datatype names) and nothing more.
+    "runtime": {"core.errors", "core.datatypes"},
+    "schema": set(),
+}
+# Third-party packages that only a front end may use.
+TRANSPORT = ("grpc", "grpc_health", "grpc_reflection")
+# Protobuf is the schema's own format (the repository parses config files with it);
+# the data plane, the core and the runtime never touch it.
+NO_PROTOBUF = ("service", "core", "runtime")
+
+
+def imports(path: Path, root: Path = ROOT) -> list[str]:
+    """Every module a file imports, relative imports resolved to absolute names."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return found
+
+
+def layer_files(layer: str) -> list[Path]:
+    return sorted((SERVER / layer).rglob("*.py"))
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    wrong = []
+    for layer, allowed in ALLOWED.items():
+        for path in layer_files(layer):
+            for module in imports(path):
+                if not module.startswith("server."):
+                    continue
+                target = module.removeprefix("server.")
+                top = target.split(".")[0]
+                if top in (layer, "schema"):
+                    continue
+                if not any(target == a or target.startswith(a + ".") for a in allowed):
+                    # `from server.core import errors` names the package, then the module.
+                    if target in {a.split(".")[0] for a in allowed}:
+                        continue
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_transports_stay_in_the_front_ends() -> None:
+    wrong = []
+    for layer in ALLOWED:
+        if layer == "rpc":
+            continue
+        for path in layer_files(layer):
+            for module in imports(path):
+                top = module.split(".")[0]
+                if top in TRANSPORT or (layer in NO_PROTOBUF and module.startswith("google.protobuf")):
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_relative_and_lazy_imports(tmp_path: Path) -> None:
+    """The rule itself: a wrong-way import written relatively or inside a function is found."""
+    probe = tmp_path / "server" / "core" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("def f():\n    from ..rpc import status\n    import grpc\n")
+    assert "server.rpc.status" in imports(probe, tmp_path) and "grpc" in imports(probe, tmp_path)
