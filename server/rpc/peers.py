@@ -94,12 +94,14 @@ class GrpcPeers:
         return converters.statistics_from_pb(reply)
 
     async def load(self, address: str, name: str, config: mc.ModelConfig | None) -> bool:
+        """RepositoryModelLoad on one sibling, the override as the JSON `config` parameter; False when it is down."""
         request = pb.RepositoryModelLoadRequest(model_name=name)
         if config is not None:
             request.parameters["config"].string_param = json_format.MessageToJson(config)
         return await self._control(address, "RepositoryModelLoad", request)
 
     async def unload(self, address: str, name: str) -> bool:
+        """RepositoryModelUnload on one sibling; False when it is down."""
         return await self._control(address, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name))
 
     async def _control(self, address: str, method: str, request: object) -> bool:
