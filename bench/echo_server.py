@@ -18,7 +18,7 @@ import os
 import grpc
 
 from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 
 SERVICE = "inference.GRPCInferenceService"
 

@@ -16,7 +16,7 @@ import onnx
 from google.protobuf import text_format
 
 from server.repository import config as model_config
-from server.rpc.pb import model_config_pb2 as mc
+from server.schema import model_config_pb2 as mc
 from server.runtime import onnx as ort_runtime
 
 

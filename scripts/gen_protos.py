@@ -70,12 +70,6 @@ POOL = descriptor_pool.DescriptorPool()
 
 # The schema's old import path, for code outside server/ that still uses it
 # (exporters/export.py, bench/echo_server.py). NOTE: remove once they import server.schema.
-_ALIAS_MODULE = '''"""Old import path of the model-config schema; it lives in server.schema now."""
-
-from server.schema.model_config_pb2 import *  # noqa: F401,F403
-'''
-
-
 def _private_pool(text: str, here: str) -> str:
     """Points generated modules at our own descriptor pool (in server.schema)."""
     if "_descriptor_pool.Default()" not in text:
@@ -134,9 +128,6 @@ def generate(out_root: Path) -> list[Path]:
         init = schema_dir / "__init__.py"
         init.write_text(_HEADER + '"""The model-config schema (Triton\'s ModelConfig message), generated."""\n')
         written.append(init)
-        alias = pb_dir / "model_config_pb2.py"
-        alias.write_text(_HEADER + _ALIAS_MODULE)
-        written.append(alias)
         init = pb_dir / "__init__.py"
         init.write_text(_HEADER + '"""Generated protobuf and gRPC modules of the gRPC front end."""\n')
         written.append(init)
