@@ -18,11 +18,16 @@ from server.settings import Settings
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortserve", description="Serve ONNX models over the Open Inference Protocol.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
+    serve = commands.add_parser("serve", help="serve a model repository over gRPC and HTTP")
     serve.add_argument("--model-repository", type=Path, help="model repository directory (default: model_repository)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free port)")
-    serve.add_argument("--port-file", type=Path, help="write the bound port here once ready")
+    serve.add_argument("--port-file", type=Path, help="write the bound gRPC port here once ready (HTTP: PATH.http)")
+    serve.add_argument("--allow-http", choices=["true", "false"], help="serve HTTP beside gRPC (default true)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 picks a free port)")
+    serve.add_argument(
+        "--http-max-body-bytes", type=int, help="largest HTTP request body (default: --max-receive-message-bytes)"
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
     serve.add_argument("--max-receive-message-bytes", type=int, help="largest request accepted (default 1 GiB)")
     serve.add_argument("--default-max-batch-size", type=int, help="max_batch_size for auto-completed models (default 64)")
@@ -43,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ortserve` console script."""
     args = _parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
-    if "strict_readiness" in given:
-        given["strict_readiness"] = given["strict_readiness"] == "true"
+    for flag in ("strict_readiness", "allow_http"):
+        if flag in given:
+            given[flag] = given[flag] == "true"
     try:
         settings = Settings(**given)
     except ValidationError as exc:

@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server import workers
 from server.core.errors import ServerError
+from server.http.app import create_app
+from server.http.server import HttpServer
 from server.repository.registry import ModelRegistry
 from server.repository.repository import ModelRepository
 from server.rpc.generation_servicer import TextGenerationServicer
@@ -78,7 +80,9 @@ class OrtServer:
         self.plane = DataPlane(self.registry, self.state, server_version(), settings.model_control_mode)
         self._background: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.http_port = 0
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
 
     async def start(self) -> int:
         """Loads the models, then starts listening; returns the bound port."""
@@ -115,6 +119,8 @@ class OrtServer:
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()
+        if self.settings.allow_http:
+            await self._start_http(reuse_port=worker is not None)
         if control_fd is not None:
             workers.unlock_control(control_fd)
         self._server = server
@@ -127,9 +133,23 @@ class OrtServer:
             workers.mark_ready(self.settings.peer_dir, worker)
             return self.port
         logger.info("ortserve listening on %s:%d", self.settings.host, self.port)
+        http_port_file = self.settings.http_port_file()
+        if http_port_file is not None and self._http is not None:
+            http_port_file.write_text(str(self.http_port))  # before the gRPC one, which readers wait for
         if self.settings.port_file:
             self.settings.port_file.write_text(str(self.port))
         return self.port
+
+    async def _start_http(self, reuse_port: bool) -> None:
+        """The HTTP front end over the same data plane, in this process and event loop."""
+        app = create_app(self.plane, self.settings.resolved_http_max_body_bytes(), server_version())
+        try:
+            self._http = HttpServer(app, self.settings.host, self.settings.http_port, reuse_port, "warning")
+        except OSError as exc:
+            raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.http_port} (HTTP): {exc}") from exc
+        await self._http.start()
+        self.http_port = self._http.port
+        logger.info("HTTP on %s:%d", self.settings.host, self.http_port)
 
     async def _load_startup_models(self) -> None:
         """The start-up models; a worker in explicit mode loads the set its siblings serve now, if changed."""
@@ -193,7 +213,13 @@ class OrtServer:
         # our handlers, where a gRPC server that is stopping would cancel them (CANCELLED).
         while loop.time() < deadline and any(getattr(m, "busy", False) for m in self.registry.models()):
             await asyncio.sleep(DRAIN_POLL_S)
-        await self._server.stop(max(0.0, deadline - loop.time()))
+        # Both front ends stop together: requests and streams in flight keep the rest of the grace.
+        remaining = max(0.0, deadline - loop.time())
+        if self._http is not None:
+            await asyncio.gather(self._server.stop(remaining), self._http.stop(remaining))
+            self._http = None
+        else:
+            await self._server.stop(remaining)
         await self._server.wait_for_termination()
         self._server = None
         for task in list(self._background):

@@ -22,7 +22,14 @@ class Settings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (see port_file)."""
     port_file: Path | None = None
-    """If set, the bound port is written here once the server is ready (for tests and scripts)."""
+    """If set, the bound gRPC port is written here once the server is ready (for tests and scripts);
+    the HTTP port goes to the same path with `.http` appended (see http_port_file)."""
+    allow_http: bool = True
+    """Serve HTTP (KServe v2 REST, Triton's generate extension, OpenAI routes) beside gRPC."""
+    http_port: int = Field(8000, ge=0, le=65535)
+    """HTTP port (Triton's default 8000); 0 picks a free one."""
+    http_max_body_bytes: int | None = Field(None, ge=1)
+    """Largest HTTP request body; larger ones get 413 unread. Default: max_receive_message_bytes."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when this ONNX Runtime build and machine have it, else CPU."""
     max_receive_message_bytes: int = Field(1 << 30, ge=4 << 20)
@@ -52,6 +59,17 @@ class Settings(BaseSettings):
     """Set by the supervisor in a worker process; not a user setting."""
     peer_dir: Path | None = None
     """Set by the supervisor: where workers publish their private sockets."""
+
+    def http_port_file(self) -> Path | None:
+        """Where the bound HTTP port is written: the port file's path with `.http` appended.
+
+        A file of its own keeps the port file a single number for every existing reader.
+        """
+        return None if self.port_file is None else self.port_file.with_name(self.port_file.name + ".http")
+
+    def resolved_http_max_body_bytes(self) -> int:
+        """The HTTP body limit, defaulting to the gRPC receive limit."""
+        return self.http_max_body_bytes if self.http_max_body_bytes is not None else self.max_receive_message_bytes
 
     def resolved_workers(self) -> int:
         """The worker count, with 0 (auto) resolved for this machine."""

@@ -118,7 +118,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path) -> list[str]:
+def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path, http_port: int = 0) -> list[str]:
     args = [
         sys.executable, "-m", "server", "serve",
         "--model-repository", str(settings.model_repository),
@@ -131,6 +131,8 @@ def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path) -
         "--workers", str(settings.workers), "--worker-index", str(index), "--peer-dir", str(peer_dir),
         "--model-control-mode", settings.model_control_mode,
         "--repository-poll-secs", str(settings.repository_poll_secs),
+        "--allow-http", "true" if settings.allow_http else "false",
+        "--http-port", str(http_port), "--http-max-body-bytes", str(settings.resolved_http_max_body_bytes()),
     ]
     for name in settings.load_model:
         args += ["--load-model", name]
@@ -161,9 +163,10 @@ class _Worker:
 class _Supervisor:
     """Starts the workers, restarts any that dies, stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings, port: int, peer_dir: Path) -> None:
+    def __init__(self, settings: Settings, port: int, peer_dir: Path, http_port: int = 0) -> None:
         self.settings = settings
         self.port = port
+        self.http_port = http_port
         self.peer_dir = peer_dir
         self.workers: list[_Worker] = []
 
@@ -171,7 +174,7 @@ class _Supervisor:
         # A dead worker leaves its ready mark and socket behind; the new one makes its own.
         (self.peer_dir / f"worker-{index}{READY_SUFFIX}").unlink(missing_ok=True)
         worker_socket(self.peer_dir, index).unlink(missing_ok=True)
-        return subprocess.Popen(_worker_command(self.settings, self.port, index, self.peer_dir))
+        return subprocess.Popen(_worker_command(self.settings, self.port, index, self.peer_dir, self.http_port))
 
     def start_all(self) -> None:
         self.workers = [_Worker(i, self.spawn(i)) for i in range(self.settings.workers)]
@@ -231,6 +234,9 @@ def supervise(settings: Settings) -> int:
     """
     reserved = _reserve_port(settings.host, settings.port)
     port = reserved.getsockname()[1]
+    # The HTTP port too: every worker serves both, so port 0 must become one port they all share.
+    reserved_http = _reserve_port(settings.host, settings.http_port) if settings.allow_http else None
+    http_port = reserved_http.getsockname()[1] if reserved_http is not None else 0
     peer_dir = Path(tempfile.mkdtemp(prefix="ortserve-"))
     stopping = False
     failed = False
@@ -241,7 +247,7 @@ def supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    supervisor = _Supervisor(settings, port, peer_dir)
+    supervisor = _Supervisor(settings, port, peer_dir, http_port)
     supervisor.start_all()
     try:
         while not stopping:
@@ -256,7 +262,13 @@ def supervise(settings: Settings) -> int:
             time.sleep(0.05)
         if not stopping and not failed:
             reserved.close()  # the workers hold the port now
+            if reserved_http is not None:
+                reserved_http.close()
             logger.info("ortserve listening on %s:%d with %d workers", settings.host, port, len(supervisor.workers))
+            http_port_file = settings.http_port_file()
+            if http_port_file is not None and reserved_http is not None:
+                logger.info("ortserve HTTP on %s:%d", settings.host, http_port)
+                http_port_file.write_text(str(http_port))  # before the gRPC one, which readers wait for
             if settings.port_file:
                 settings.port_file.write_text(str(port))
         while not stopping and not failed:
@@ -266,6 +278,8 @@ def supervise(settings: Settings) -> int:
         return 0 if stopping and not failed and all(c == 0 for c in codes) else 1
     finally:
         reserved.close()
+        if reserved_http is not None:
+            reserved_http.close()
         shutil.rmtree(peer_dir, ignore_errors=True)
 
 
