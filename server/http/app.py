@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.errors import ServerError
-from server.http import ClientDisconnectedError, kserve
+from server.http import ClientDisconnectedError, kserve, openai
 from server.http.errors import bounded, error_body, log_error, openai_error_body, status_for
 from server.http.kserve import json_response
 from server.service.dataplane import DataPlane
@@ -41,8 +41,7 @@ def create_app(plane: DataPlane, max_body_bytes: int, version: str = "") -> Fast
     )
     app.state.plane = plane
     app.include_router(kserve.router)
-    # The OpenAI-compatible routes (server/http/openai.py) are included here:
-    # app.include_router(openai.router)
+    app.include_router(openai.router)  # OpenAI-compatible routes (server/http/openai.py)
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(BodyTooLargeError, _too_large)
