@@ -104,7 +104,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> TestRepository:
 
 
 class ServerProcess:
-    """An `ortserve serve` child process on a free loopback port."""
+    """An `ortserve serve` child process on free loopback ports.
+
+    gRPC is at `address`; HTTP (unless `--allow-http false`) at `http_address` / `http_url`,
+    its port read from the port file's `.http` sibling.
+    """
 
     def __init__(self, repository: Path, workdir: Path, *extra: str) -> None:
         self.port_file = workdir / "port"
@@ -112,9 +116,13 @@ class ServerProcess:
         self.port_file.unlink(missing_ok=True)
         # One process unless a test asks for workers: lighter, and its log holds everything.
         workers = [] if "--workers" in extra else ["--workers", "1"]
+        # A free HTTP port too: Triton's 8000 would collide between test servers.
+        http = [] if "--http-port" in extra else ["--http-port", "0"]
+        self.http_port_file = workdir / "port.http"
+        self.http_port_file.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *workers, *extra,
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *workers, *http, *extra,
         ]
         self._log = open(self.log_path, "wb")
         # Gated test models (tests/gate.py) load only where the test gates are enabled.
@@ -127,6 +135,10 @@ class ServerProcess:
             time.sleep(0.05)
         self.port = int(self.port_file.read_text())
         self.address = f"127.0.0.1:{self.port}"
+        # Written before the gRPC port file; absent when HTTP is off.
+        self.http_port = int(self.http_port_file.read_text()) if self.http_port_file.exists() else 0
+        self.http_address = f"127.0.0.1:{self.http_port}"
+        self.http_url = f"http://{self.http_address}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -66,8 +66,13 @@ async def server_ready(request: Request) -> Response:
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    meta = data_plane(request).metadata()
-    return json_response({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+    plane = data_plane(request)
+    meta = plane.metadata()
+    response = json_response({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+    if plane.worker_index is not None:
+        # Says which worker process answered (diagnostics, and tests of --workers), as on gRPC.
+        response.headers["ortserve-worker"] = str(plane.worker_index)
+    return response
 
 
 # /v2/models/stats comes before /v2/models/{name}, which would otherwise take "stats" as a name.
