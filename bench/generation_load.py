@@ -1,8 +1,14 @@
 """Streaming generation benchmark: our own async gRPC load generator plus the in-process decode limit.
 
-    python bench/generation_load.py [--url 127.0.0.1:8001] [--levels 1 8 32 64] [--max-tokens 64]
+    python bench/generation_load.py [--url 127.0.0.1:8001] [--http-url http://127.0.0.1:8000]
+        [--transport grpc|sse|both] [--levels 1 8 32 64] [--max-tokens 64]
 
-Without --url it starts `ortserve serve` on the example repository itself. For each number of concurrent
+Without --url it starts `ortserve serve` on the example repository itself (both ports). `--transport`
+picks ortserve.v1.TextGeneration over gRPC (default), OpenAI streaming completions over server-sent
+events (/v1/completions, `stream: true`, httpx), or both, each level run on one then the other
+against the same server, with the SSE/gRPC ratios of tokens/s and TTFT p50. Over SSE, a chunk's
+tokens are its text's UTF-8 bytes (the byte-level decoder's tokens; the ITL gaps use them) and
+the output total comes from `usage`. For each number of concurrent
 streams N, N clients each run max(2, min(16, 128 // N)) streams back to back on ortserve.v1.TextGeneration; it reports time to first
 token, inter-token latency (per token), end-to-end latency (p50/p99) and output tokens/s. Right before and
 right after each level it runs ONNX Runtime alone on batched decode steps of the same model (batch N, past
@@ -19,7 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import contextlib
+
 import grpc
+import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +49,53 @@ async def one_stream(stub: gen_grpc.TextGenerationStub, index: int, max_tokens: 
     arrivals: list[tuple[float, int]] = []
     async for response in stub.Generate(request, timeout=600):
         arrivals.append((time.perf_counter(), len(response.token_ids)))
-    end = time.perf_counter()
+    return _timings(start, arrivals, time.perf_counter(), sum(t for _, t in arrivals))
+
+
+def _timings(start: float, arrivals: list[tuple[float, int]], end: float, tokens: int) -> dict[str, object]:
     gaps = []
-    for (previous, _), (now, tokens) in zip(arrivals, arrivals[1:]):
-        gaps += [(now - previous) / max(tokens, 1)] * max(tokens, 1)
-    return {"ttft": arrivals[0][0] - start, "gaps": gaps, "e2e": end - start, "tokens": sum(t for _, t in arrivals)}
+    for (previous, _), (now, count) in zip(arrivals, arrivals[1:]):
+        gaps += [(now - previous) / max(count, 1)] * max(count, 1)
+    return {"ttft": arrivals[0][0] - start, "gaps": gaps, "e2e": end - start, "tokens": tokens}
 
 
-async def level(address: str, streams: int, max_tokens: int) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gen_grpc.TextGenerationStub(channel)
+async def one_sse_stream(client: httpx.AsyncClient, index: int, max_tokens: int) -> dict[str, object]:
+    body = {
+        "model": "bytes_decoder", "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens,
+        "temperature": 0.8, "top_k": 40, "seed": index, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
+            if event["choices"] and event["choices"][0]["text"]:
+                arrivals.append((time.perf_counter(), len(event["choices"][0]["text"].encode())))
+    return _timings(start, arrivals, time.perf_counter(), tokens)
+
+
+async def level(target: str, streams: int, max_tokens: int, transport: str = "grpc") -> dict[str, float]:
+    """One level: `target` is the gRPC address (grpc) or the HTTP base URL (sse)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if transport == "sse":
+            limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+            http = await stack.enter_async_context(httpx.AsyncClient(base_url=target, timeout=600, limits=limits))
+
+            async def run(index: int) -> dict[str, object]:
+                return await one_sse_stream(http, index, max_tokens)
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            stub = gen_grpc.TextGenerationStub(channel)
+
+            async def run(index: int) -> dict[str, object]:
+                return await one_stream(stub, index, max_tokens)
 
         # Each user runs streams back to back, so the batch stays full while streams come and
         # go: 16 each at low levels (one stream's ITL percentiles then rest on ~1,000 gaps),
@@ -59,7 +105,7 @@ async def level(address: str, streams: int, max_tokens: int) -> dict[str, float]
         rounds = max(2, min(16, 128 // streams))
 
         async def user(i: int) -> list[dict[str, object]]:
-            return [await one_stream(stub, i * rounds + k, max_tokens) for k in range(rounds)]
+            return [await run(i * rounds + k) for k in range(rounds)]
 
         start = time.perf_counter()
         results = [r for batch in await asyncio.gather(*(user(i) for i in range(streams))) for r in batch]
@@ -110,23 +156,31 @@ class InProcessDecoder:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url")
+    parser.add_argument("--url", help="gRPC address of a running server")
+    parser.add_argument("--http-url", help="HTTP base URL of a running server (sse)")
+    parser.add_argument("--transport", choices=["grpc", "sse", "both"], default="grpc")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     server = None
-    address = args.url
-    if address is None:
+    address, http_url = args.url, args.http_url
+    if address is None and http_url is None:
         port_file = ROOT / "bench" / "out" / "gen_port"
         port_file.parent.mkdir(exist_ok=True)
         port_file.unlink(missing_ok=True)
         server = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "1",
-             "--port-file", str(port_file), "--log-level", "warning"], cwd=ROOT,
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+             "--workers", "1", "--port-file", str(port_file), "--log-level", "warning"], cwd=ROOT,
         )
         while not port_file.exists() or not port_file.read_text():
             time.sleep(0.1)
         address = f"127.0.0.1:{port_file.read_text()}"
+        http_url = f"http://127.0.0.1:{port_file.with_name(port_file.name + '.http').read_text()}"
+    transports = ["grpc", "sse"] if args.transport == "both" else [args.transport]
+    targets = {"grpc": address, "sse": http_url}
+    missing = [t for t in transports if targets[t] is None]
+    if missing:
+        parser.error(f"--transport {args.transport} needs {' and '.join('--url' if t == 'grpc' else '--http-url' for t in missing)}")
     # The machine's speed drifts over minutes, so the in-process limit for each level is
     # measured right before and right after that level's load and averaged.
     decoder = InProcessDecoder()
@@ -134,31 +188,43 @@ def main() -> None:
     try:
         for n in args.levels:
             before = decoder.step(n)
-            r = asyncio.run(level(address, n, args.max_tokens))
+            for transport in transports:
+                r = asyncio.run(level(str(targets[transport]), n, args.max_tokens, transport))
+                rows.append((n, transport, r))
+                print(f"measured {n} streams over {transport}: {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
             after = decoder.step(n)
-            r["step_ms"] = (before[0] + after[0]) / 2
-            r["limit"] = (before[1] + after[1]) / 2
-            rows.append((n, r))
-            print(f"measured {n} streams: {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+            for row_n, _, r in rows:
+                if row_n == n:
+                    r["step_ms"] = (before[0] + after[0]) / 2
+                    r["limit"] = (before[1] + after[1]) / 2
     finally:
         if server is not None:
             server.terminate()
             server.wait()
-    print("| streams | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | output tokens/s "
+    print("| streams | transport | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 ms | output tokens/s "
           "| in-process step ms (batch = streams, past 64) | in-process tokens/s | share of in-process |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, r in rows:
-        print(f"| {n} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | {r['itl_p50']:.2f} | {r['itl_p99']:.2f} | "
-              f"{r['e2e_p50']:.0f} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | {r['limit']:.0f} | "
-              f"{r['tokens_per_s'] / r['limit']:.0%} |")
-    by_level = dict(rows)
-    if 1 in by_level:
-        one = by_level[1]
-        print(f"\nsingle stream: ITL p50 {one['itl_p50']:.2f} ms vs in-process step {one['step_ms']:.2f} ms "
-              f"({one['itl_p50'] / one['step_ms'] - 1:+.0%})")
-        if 32 in by_level:
-            print(f"32 streams: {by_level[32]['tokens_per_s'] / one['tokens_per_s']:.1f}x the single-stream rate, "
-                  f"{by_level[32]['tokens_per_s'] / by_level[32]['limit']:.0%} of the in-process batch-32 limit")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, transport, r in rows:
+        print(f"| {n} | {transport} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | {r['itl_p50']:.2f} | "
+              f"{r['itl_p99']:.2f} | {r['e2e_p50']:.0f} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | "
+              f"{r['limit']:.0f} | {r['tokens_per_s'] / r['limit']:.0%} |")
+    by_level = {(n, transport): r for n, transport, r in rows}
+    for transport in transports:
+        if (1, transport) in by_level:
+            one = by_level[(1, transport)]
+            print(f"\n{transport}, single stream: ITL p50 {one['itl_p50']:.2f} ms vs in-process step "
+                  f"{one['step_ms']:.2f} ms ({one['itl_p50'] / one['step_ms'] - 1:+.0%})")
+            if (32, transport) in by_level:
+                many = by_level[(32, transport)]
+                print(f"{transport}, 32 streams: {many['tokens_per_s'] / one['tokens_per_s']:.1f}x the single-stream "
+                      f"rate, {many['tokens_per_s'] / many['limit']:.0%} of the in-process batch-32 limit")
+    if len(transports) == 2:
+        print()
+        for n in args.levels:
+            grpc_row, sse_row = by_level[(n, "grpc")], by_level[(n, "sse")]
+            print(f"{n} streams, SSE vs gRPC: tokens/s {sse_row['tokens_per_s'] / grpc_row['tokens_per_s']:.0%}, "
+                  f"TTFT p50 {sse_row['ttft_p50']:.1f} vs {grpc_row['ttft_p50']:.1f} ms "
+                  f"({sse_row['ttft_p50'] / grpc_row['ttft_p50'] - 1:+.0%})")
 
 
 if __name__ == "__main__":
