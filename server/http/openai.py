@@ -37,7 +37,7 @@ from server.core.generation import TokenChunk
 from server.core.sampling import SamplingParams
 from server.http import data_plane, until_disconnect
 from server.http.errors import log_error, openai_error_body, status_for
-from server.http.sse import EventStream, prefetch
+from server.http.sse import EventStream, close_source, prefetch
 from server.service import textgen
 
 logger = logging.getLogger(__name__)
@@ -266,10 +266,13 @@ async def completions(request: Request) -> Response:
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
         prefix = echo
         last = None
-        async for chunk in source:
-            last = chunk
-            yield {**base, "choices": [choice(prefix + chunk.text, chunk.finish_reason)], **extra}
-            prefix = ""
+        try:
+            async for chunk in source:
+                last = chunk
+                yield {**base, "choices": [choice(prefix + chunk.text, chunk.finish_reason)], **extra}
+                prefix = ""
+        finally:
+            await close_source(source)  # a stream cancelled by EventStream ends its generation too
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(last)}
 
@@ -315,12 +318,15 @@ async def chat_completions(request: Request) -> Response:
         # The first chunk carries the role, as OpenAI's does.
         yield chunk_event({"role": "assistant", "content": ""}, None)
         last = None
-        async for chunk in source:
-            last = chunk
-            if chunk.text:
-                yield chunk_event({"content": chunk.text}, None)
-            if chunk.finish_reason is not None:
-                yield chunk_event({}, chunk.finish_reason)
+        try:
+            async for chunk in source:
+                last = chunk
+                if chunk.text:
+                    yield chunk_event({"content": chunk.text}, None)
+                if chunk.finish_reason is not None:
+                    yield chunk_event({}, chunk.finish_reason)
+        finally:
+            await close_source(source)  # a stream cancelled by EventStream ends its generation too
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(last)}
 

@@ -81,7 +81,7 @@ class _Prefetched:
         return await self._rest.__anext__()
 
     async def aclose(self) -> None:
-        await _aclose(self._rest)
+        await close_source(self._rest)
 
 
 async def _empty() -> AsyncIterator[Any]:
@@ -101,12 +101,17 @@ async def prefetch(source: AsyncIterator[Any]) -> AsyncIterator[Any]:
     except StopAsyncIteration:
         return _empty()
     except BaseException:
-        await _aclose(source)
+        await close_source(source)
         raise
     return _Prefetched(first, source)
 
 
-async def _aclose(source: Any) -> None:
+async def close_source(source: Any) -> None:
+    """Closes an async iterator that has `aclose` (an async generator), logging rather than raising.
+
+    An async generator that iterates another must close it in its own `finally`: closing the
+    outer one does not close what its `async for` was reading.
+    """
     close = getattr(source, "aclose", None)
     if close is not None:
         try:
@@ -181,7 +186,7 @@ class EventStream(Response):
             finally:
                 finished = True
                 ready.set()
-                await _aclose(self.events)
+                await close_source(self.events)
 
         async def write() -> None:
             while True:
