@@ -237,6 +237,36 @@ def test_client_that_disconnects_leaves_the_queue_and_never_runs(
     assert _rows_run_since(stub, before) == 256  # the 7 rows never ran
 
 
+def test_queue_timeout_is_504_and_a_full_queue_429(server: ServerProcess, stub, repository: conftest.TestRepository) -> None:
+    """The `timeout` parameter bounds the time in the queue, as on gRPC; a full queue answers at once."""
+    gate: Gate = repository.gates["gated_batched"]
+    url = f"{server.http_url}/v2/models/gated_batched/infer"
+    with gate.held():
+        running, run = _occupy(stub, gate)
+        body = json.loads(_gated_body(1))
+        expired = httpx.post(url, json={**body, "parameters": {"timeout": 1}}, timeout=WAIT_S)
+        assert expired.status_code == 504, expired.text
+        # One place in the queue: taken by a request that waits, the next one is refused.
+        while True:
+            sock = _send_raw(("127.0.0.1", server.http_port), "/v2/models/gated_batched/infer", _gated_body(1))
+            while not _queue_is_full(stub):
+                if select.select([sock], [], [], 0)[0]:
+                    break
+            if not select.select([sock], [], [], 0)[0]:
+                break
+            sock.close()
+        refused = httpx.post(url, json=body, timeout=WAIT_S)
+        assert refused.status_code == 429 and "queued" in refused.json()["error"]
+        gate.release(run)
+        running.result()
+    # The gate is open again: the queued request runs.
+    head = b""
+    while b"\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    sock.close()
+
+
 def test_generate_and_generate_stream(tmp_path_factory: pytest.TempPathFactory) -> None:
     repo = tmp_path_factory.mktemp("http_gen_repo")
     shutil.copytree(ROOT / "model_repository" / "bytes_decoder", repo / "bytes_decoder")
