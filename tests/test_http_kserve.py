@@ -368,13 +368,12 @@ def test_perf_analyzer_over_http(server: ServerProcess, tmp_path: Path) -> None:
     run = subprocess.run(
         [
             str(tools / "perf_analyzer"), "-m", "digits", "-i", "http", "-u", server.http_address,
-            "--concurrency-range", "2", "--measurement-mode", "count_windows", "--measurement-request-count", "50",
-            "--max-trials", "3", "-s", "50", "-f", str(csv_path),
+            # A fixed number of requests: no stability windows, which a loaded machine may never reach.
+            "--concurrency-range", "2", "--request-count", "200", "-f", str(csv_path),
         ],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    # perf_analyzer exits non-zero when its windows did not stabilise; the CSV still holds the last one.
-    assert csv_path.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and csv_path.exists(), run.stdout[-3000:] + run.stderr[-3000:]
     row = next(csv.DictReader(csv_path.read_text().splitlines()))
     assert float(row["Inferences/Second"]) > 0
     assert "Successful request count" in run.stdout  # the server-side statistics, read over HTTP
