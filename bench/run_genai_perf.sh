@@ -15,7 +15,7 @@ bash bench/setup_genai_perf.sh
 URL=${GENAI_URL:-}
 if [ -z "$URL" ]; then
     rm -f "$OUT/port"
-    .venv/bin/python -m server serve --host 127.0.0.1 --port 0 --workers 1 --log-level warning \
+    .venv/bin/python -m server serve --host 127.0.0.1 --port 0 --http-port 0 --workers 1 --log-level warning \
         --port-file "$OUT/port" &
     SERVER=$!
     trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT

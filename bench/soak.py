@@ -11,6 +11,8 @@ all at once, for the whole run:
   cancelled by the client after a few tokens, others through Triton's ModelStreamInfer convention;
 - a control client: every 15 s a reload (RepositoryModelLoad of a loaded model), alternating `digits`
   and `bytes_decoder`, while the other clients keep going (admitted work must finish on its version);
+- HTTP clients: KServe v2 REST infer (JSON) on `digits`, and OpenAI streaming completions on `bytes_decoder`,
+  one in four abandoned by the client after a few events;
 - a hostile client: malformed requests of many kinds (unknown models, bad shapes and datatypes, wrong byte
   counts, garbage bodies, bad sampling parameters), which must get a proper client-error status.
 
@@ -70,7 +72,8 @@ class Tally:
         """Failures that fail the soak: good requests not OK, anything UNKNOWN or INTERNAL."""
         out = {}
         for (kind, status), count in self.counts.items():
-            good_failed = kind in ("tensor", "pipeline", "generate", "stream_infer", "reload") and status not in ("OK", "CANCELLED_BY_CLIENT")
+            good = ("tensor", "pipeline", "generate", "stream_infer", "reload", "http_infer", "http_openai", "http")
+            good_failed = kind in good and status not in ("OK", "CANCELLED_BY_CLIENT")
             if good_failed or status in ("UNKNOWN", "INTERNAL"):
                 out[f"{kind}:{status}"] = count
         return out
@@ -176,6 +179,41 @@ def stream_infer_client(address: str, stop: threading.Event, tally: Tally, seed:
                 tally.add("stream_infer", exc.code().name, exc.details() or "")
 
 
+def http_client(http_url: str, stop: threading.Event, tally: Tally, seed: int) -> None:
+    """KServe v2 REST infer (JSON) on `digits` and OpenAI streaming completions, some abandoned mid-stream."""
+    import httpx
+
+    rng = random.Random(seed)
+    with httpx.Client(base_url=http_url, timeout=120) as client:
+        while not stop.is_set():
+            try:
+                if rng.random() < 0.5:
+                    rows = rng.randint(1, 4)
+                    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [rows, 1, 8, 8],
+                                        "data": [rng.random() * 16 for _ in range(rows * 64)]}]}
+                    reply = client.post("/v2/models/digits/infer", json=body)
+                    ok = reply.status_code == 200 and reply.json()["outputs"][0]["shape"][0] == rows
+                    tally.add("http_infer", "OK" if ok else f"HTTP_{reply.status_code}", reply.text[:200])
+                    continue
+                max_tokens = rng.randint(4, 32)
+                leave_after = rng.randint(1, 3) if rng.random() < 0.25 else None
+                body = {"model": "bytes_decoder", "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens,
+                        "stream": True, "temperature": 0.8, "seed": rng.randrange(2**31)}
+                events = 0
+                with client.stream("POST", "/v1/completions", json=body) as reply:
+                    if reply.status_code != 200:
+                        tally.add("http_openai", f"HTTP_{reply.status_code}", reply.read().decode()[:200])
+                        continue
+                    for line in reply.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            events += 1
+                            if leave_after is not None and events >= leave_after:
+                                break
+                tally.add("http_openai", "CANCELLED_BY_CLIENT" if leave_after is not None else "OK")
+            except httpx.HTTPError as exc:
+                tally.add("http", "TRANSPORT_ERROR", repr(exc))
+
+
 def control_client(address: str, stop: threading.Event, tally: Tally, period_s: float) -> None:
     models = ["digits", "bytes_decoder"]
     with grpc.insecure_channel(address) as channel:
@@ -243,12 +281,12 @@ def hostile_client(address: str, stop: threading.Event, tally: Tally, seed: int)
                     tally.add("hostile", status, f"{method}: {exc.details()}")
 
 
-def start_server(workers: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(workers: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     port_file = workdir / "port"
     log = open(workdir / "server.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(ROOT / "model_repository"),
-         "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--workers", str(workers),
+         "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--port-file", str(port_file), "--workers", str(workers),
          "--model-control-mode", "explicit", "--load-model", "*"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -258,18 +296,23 @@ def start_server(workers: int, workdir: Path) -> tuple[subprocess.Popen[bytes], 
             raise SystemExit(f"server did not start; log in {workdir / 'server.log'}")
         time.sleep(0.1)
     address = f"127.0.0.1:{port_file.read_text().strip()}"
+    http_file = port_file.with_name(port_file.name + ".http")
+    while not (http_file.exists() and http_file.read_text()):
+        time.sleep(0.1)
+    http_url = f"http://127.0.0.1:{http_file.read_text().strip()}"
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while not stub.ServerReady(pb.ServerReadyRequest(), timeout=60).ready:
             time.sleep(0.2)
-    return process, address
+    return process, address, http_url
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--url", help="an already running server (memory is then not sampled)")
+    parser.add_argument("--url", help="an already running server's gRPC address (memory is then not sampled)")
+    parser.add_argument("--http-url", help="with --url: its HTTP address (http://host:port); without, no HTTP load")
     parser.add_argument("--tensor-clients", type=int, default=3)
     parser.add_argument("--generate-clients", type=int, default=3)
     parser.add_argument("--reload-period-s", type=float, default=15.0)
@@ -279,9 +322,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ortserve-soak-"))
     process = None
     if args.url:
-        address = args.url
+        address, http_url = args.url, args.http_url
     else:
-        process, address = start_server(args.workers, workdir)
+        process, address, http_url = start_server(args.workers, workdir)
         print(f"server pid {process.pid} on {address}; log {workdir / 'server.log'}", flush=True)
 
     tally, stop = Tally(), threading.Event()
@@ -290,6 +333,8 @@ def main() -> int:
     clients += [threading.Thread(target=stream_infer_client, args=(address, stop, tally, 200))]
     clients += [threading.Thread(target=control_client, args=(address, stop, tally, args.reload_period_s))]
     clients += [threading.Thread(target=hostile_client, args=(address, stop, tally, 300))]
+    if http_url:
+        clients += [threading.Thread(target=http_client, args=(http_url, stop, tally, 400 + i)) for i in range(2)]
     for client in clients:
         client.start()
 

@@ -17,6 +17,7 @@ SERVER = ROOT / "server"
 # What each package may import of server/ besides itself and the schema.
 ALLOWED: dict[str, set[str]] = {
     "rpc": {"service", "repository", "core", "runtime"},
+    "http": {"service", "repository", "core", "runtime"},
     "service": {"repository", "core", "runtime", "workers"},
     "repository": {"core", "runtime"},
     "core": {"runtime"},
@@ -28,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
 TRANSPORT = ("grpc", "grpc_health", "grpc_reflection")
 # Protobuf is the schema's own format (the repository parses config files with it);
 # the data plane, the core and the runtime never touch it.
-NO_PROTOBUF = ("service", "core", "runtime")
+NO_PROTOBUF = ("http", "service", "core", "runtime")
 
 
 def imports(path: Path, root: Path = ROOT) -> list[str]:

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter
-from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,6 +21,7 @@ from server.core.types import InferRequest, InputTensor, ParamValue, TextRespons
 from server.http import binary, data_plane, until_disconnect
 from server.http.errors import error_body, log_error, status_for
 from server.http.sse import EventStream, prefetch
+from server.repository.config import config_from_json, config_to_dict
 from server.schema import model_config_pb2 as mc
 from server.service.dataplane import ModelMetadata
 from server.service.statistics import BATCH_DURATIONS, REQUEST_DURATIONS, VersionStatistics
@@ -129,7 +129,7 @@ async def model_ready(request: Request, name: str, version: str = "") -> Respons
 @router.get("/v2/models/{name}/versions/{version}/config", summary="Model version configuration")
 async def model_config(request: Request, name: str, version: str = "") -> Response:
     config = data_plane(request).model_config(name, version)
-    return json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    return json_response(config_to_dict(config))
 
 
 # Inference.
@@ -279,9 +279,4 @@ def _config_override(parameters: dict[str, ParamValue]) -> mc.ModelConfig | None
     text = parameters["config"]
     if not isinstance(text, str):
         raise InvalidInputError("the 'config' parameter must be a JSON string")
-    config = mc.ModelConfig()
-    try:
-        json_format.Parse(text, config)
-    except json_format.ParseError as exc:
-        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {quoted(exc, 300)}") from exc
-    return config
+    return config_from_json(text)

@@ -7,9 +7,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf import json_format
+
 from server.core import datatypes
 from server.core.batcher import QueuePolicy, SchedulerConfig
-from server.core.errors import ModelLoadError, quoted
+from server.core.errors import InvalidInputError, ModelLoadError, quoted
 from server.core.types import TensorSpec
 from server.runtime import onnx as ort_runtime
 from server.runtime.base import GraphTensor
@@ -459,3 +461,22 @@ def _check_bounds(config: mc.ModelConfig) -> None:
             for dim in entry.dims:
                 elements *= dim
                 _refuse_above(f"{path} input {quoted(name)} elements", elements, MAX_WARMUP_ELEMENTS)
+
+
+def config_from_json(text: str) -> mc.ModelConfig:
+    """A model config sent as JSON by a client (RepositoryModelLoad's `config` parameter, either front end).
+
+    Raises:
+        InvalidInputError: the text is not a JSON ModelConfig (the parser's reason, bounded).
+    """
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {quoted(exc, 300)}") from exc
+    return config
+
+
+def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
+    """A model config as Triton's JSON shape (field names as in the proto)."""
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)

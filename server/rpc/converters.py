@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format
-
 from server.core import bytes_codec, datatypes
 from server.core.errors import InvalidInputError, UnsupportedError, quoted
 from server.core.generation import TokenChunk
 from server.core.sampling import SamplingParams
 from server.core.statistics import Duration
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
+from server.repository import config as model_config
 from server.repository.registry import IndexEntry
 from server.rpc import tensor_codec
 from server.rpc.pb import grpc_service_pb2 as pb
@@ -190,12 +189,7 @@ def config_override_from_pb(parameters: Any) -> mc.ModelConfig | None:
     param = parameters["config"]
     if param.WhichOneof("parameter_choice") != "string_param":
         raise InvalidInputError("the 'config' parameter must be a JSON string")
-    config = mc.ModelConfig()
-    try:
-        json_format.Parse(param.string_param, config)
-    except json_format.ParseError as exc:
-        raise InvalidInputError(f"the 'config' parameter is not a valid model config: {quoted(exc, 300)}") from exc
-    return config
+    return model_config.config_from_json(param.string_param)
 
 
 def sampling_params_from_pb(request: gen_pb.GenerateRequest) -> SamplingParams:
