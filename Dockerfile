@@ -1,8 +1,8 @@
-# ortserve: serves model_repository/ on port 8001.
+# ortserve: serves model_repository/ on ports 8001 (gRPC) and 8000 (HTTP: KServe v2 REST, OpenAI API).
 #   CPU (default):  docker build -t ortserve .
 #   CUDA:           docker build -t ortserve:cuda \
 #                     --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 .
-#                   docker run --gpus all -p 8001:8001 ortserve:cuda
+#                   docker run --gpus all -p 8001:8001 -p 8000:8000 ortserve:cuda
 # onnxruntime-gpu (a dependency on Linux x86_64) runs on the CPU when no GPU is
 # present, so both images install the same way; the CUDA base adds CUDA 13 and cuDNN 9.
 ARG BASE_IMAGE=python:3.11-slim
@@ -35,7 +35,7 @@ COPY --from=build --chown=ortserve:ortserve /app /app
 WORKDIR /app
 USER ortserve
 
-EXPOSE 8001
+EXPOSE 8001 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD [".venv/bin/python", "-m", "server.healthcheck", "--address", "127.0.0.1:8001"]
-CMD [".venv/bin/ortserve", "serve", "--model-repository", "model_repository", "--port", "8001"]
+CMD [".venv/bin/ortserve", "serve", "--model-repository", "model_repository", "--port", "8001", "--http-port", "8000"]
