@@ -44,7 +44,12 @@ def perf_analyzer(model: str, port: int, concurrency: int, interval_ms: int) -> 
         "--max-trials", "10", "-s", "30", "-f", str(csv_path),
     ]
     result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 or not csv_path.exists():
+    return read_perf_csv(csv_path, result)
+
+
+def read_perf_csv(csv_path: Path, result: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    """Requests/s and p50/p99 latency (ms) from perf_analyzer's CSV (`-f`)."""
+    if not csv_path.exists():
         # perf_analyzer exits non-zero when the run did not stabilise; its last window still counts.
         raise RuntimeError(f"perf_analyzer failed: {result.stdout[-2000:]} {result.stderr[-2000:]}")
     with open(csv_path) as f:

@@ -9,7 +9,6 @@ and the HTTP/gRPC ratio. Needs bench/setup_perf_analyzer.sh to have run.
 from __future__ import annotations
 
 import argparse
-import csv
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_env, stop  # noqa: E402
+from run_batching import OUT, PYTHON, ROOT, perf_env, read_perf_csv, stop  # noqa: E402
 
 
 def perf_analyzer(protocol: str, model: str, address: str, concurrency: int, interval_ms: int) -> dict[str, float]:
@@ -31,16 +30,7 @@ def perf_analyzer(protocol: str, model: str, address: str, concurrency: int, int
         "--max-trials", "10", "-s", "30", "-f", str(csv_path),
     ]
     result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=600)
-    if not csv_path.exists():
-        # perf_analyzer exits non-zero when the run did not stabilise; its last window still counts.
-        raise RuntimeError(f"perf_analyzer failed: {result.stdout[-2000:]} {result.stderr[-2000:]}")
-    with open(csv_path) as f:
-        row = next(csv.DictReader(f))
-    return {
-        "rate": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1000,
-        "p99_ms": float(row["p99 latency"]) / 1000,
-    }
+    return read_perf_csv(csv_path, result)
 
 
 def start(repo: Path, workers: int) -> tuple[subprocess.Popen[bytes], int, int]:
