@@ -54,7 +54,8 @@ class TestRepository:
     """The repository path, the trained digits model (to compare with PyTorch) and the gates.
 
     `gates` holds one Gate per gated model: `gated` (fixed batch [256, 512], no batching)
-    and `gated_batched` (max_batch_size 256, dynamic batching, a queue of one request).
+    and `gated_batched` (max_batch_size 256, dynamic batching, a queue of one request), and
+    `gated_pair` (the same with a queue of two).
     """
 
     path: Path
@@ -71,7 +72,7 @@ def build_repository(root: Path) -> TestRepository:
         AddSub(), (torch.zeros(4), torch.zeros(4)),
         ExportSpec(["a", "b"], ["sum", "difference"], dynamic_batch=False), root, "addsub",
     )
-    gates = {name: Gate(root.parent / f"{root.name}-gates" / name) for name in ("gated", "gated_batched")}
+    gates = {name: Gate(root.parent / f"{root.name}-gates" / name) for name in ("gated", "gated_batched", "gated_pair")}
     export_torch(
         MixModel(), (torch.zeros(256, 512),),
         ExportSpec(["x"], ["y"], dynamic_batch=False, atol=1e-3, extra_config=gate_config(gates["gated"].directory)),
@@ -85,6 +86,15 @@ def build_repository(root: Path) -> TestRepository:
             + gate_config(gates["gated_batched"].directory),
         ),
         root, "gated_batched",
+    )
+    export_torch(
+        MixModel(), (torch.zeros(2, 512),),
+        ExportSpec(
+            ["x"], ["y"], max_batch_size=256, atol=1e-3,
+            extra_config="dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
+            + gate_config(gates["gated_pair"].directory),
+        ),
+        root, "gated_pair",
     )
     for datatype in ONNX_TYPES:
         export_graph(

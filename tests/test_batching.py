@@ -26,10 +26,10 @@ def logits(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
 
 
-def gated_request(rows: int, **params: int) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="gated_batched")
+def gated_request(rows: int, model: str = "gated_batched", value: float = 0.01, **params: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=[rows, 512])
-    request.raw_input_contents.append(np.full((rows, 512), 0.01, np.float32).tobytes())
+    request.raw_input_contents.append(np.full((rows, 512), value, np.float32).tobytes())
     for key, value in params.items():
         request.parameters[key].int64_param = value
     return request
@@ -56,9 +56,8 @@ async def test_many_clients_with_mixed_batch_sizes_each_get_their_own_answer(ser
         np.testing.assert_allclose(logits(response), want, rtol=1e-5, atol=1e-5)
     assert after.inference_count - before.inference_count == sum(sizes)
     assert after.inference_stats.success.count - before.inference_stats.success.count == len(sizes)
-    executions = after.execution_count - before.execution_count
-    assert executions < len(sizes), "concurrent requests were never merged"
-    assert any(b.batch_size > 5 for b in after.batch_stats)
+    # Whether these happened to share runs depends on the machine's speed; the test below
+    # proves merging with requests the test holds in the queue.
 
 
 # The gated_batched model runs only when the test releases its gate (tests/gate.py), so
@@ -90,7 +89,52 @@ def _rows_run_since(stub, before) -> int:  # type: ignore[no-untyped-def]
     return statistics(stub, "gated_batched").inference_count - before.inference_count - 1
 
 
-def _queue_is_full(stub) -> bool:  # type: ignore[no-untyped-def]
+def test_requests_queued_behind_a_busy_instance_share_one_run_and_get_their_own_rows(repository, stub) -> None:  # type: ignore[no-untyped-def]
+    # gated_pair: a queue of two. With its instance held, two requests are queued (seen by a
+    # probe being refused: the queue is full), then the instance is let go: the next run holds
+    # both (its row count says so) and each gets back exactly its own rows.
+    gate = repository.gates["gated_pair"]
+    out = lambda response: np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 512)  # noqa: E731
+    alone = [out(stub.ModelInfer(gated_request(rows, "gated_pair", value), timeout=WAIT_S)) for rows, value in ((2, 0.5), (3, -0.25))]
+    before = statistics(stub, "gated_pair")
+    with gate.held():
+        seen = len(gate.entered())
+        running = stub.ModelInfer.future(gated_request(1, "gated_pair"), timeout=WAIT_S)
+        first = gate.wait_entered(seen)
+        pair = _queue_all(stub, [gated_request(2, "gated_pair", 0.5), gated_request(3, "gated_pair", -0.25)], "gated_pair")
+        gate.release(first)
+        running.result()
+        merged = gate.wait_entered(seen + 1)
+        assert gate.rows(merged) == 5, gate.rows(merged)
+    results = [out(future.result()) for future in pair]
+    for got, want in zip(results, alone):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    after = statistics(stub, "gated_pair")
+    assert after.execution_count - before.execution_count == 2
+    assert after.inference_count - before.inference_count == 6
+    assert any(b.batch_size == 5 for b in after.batch_stats)
+
+
+def _queue_all(stub, requests: list, model: str):  # type: ignore[no-untyped-def]
+    """Sends `requests` and waits until they fill the model's queue; returns their futures.
+
+    A probe that comes in first holds a place for a moment; a request refused then is sent again.
+    """
+    deadline = time.monotonic() + WAIT_S
+    futures = [stub.ModelInfer.future(r, timeout=WAIT_S) for r in requests]
+    while time.monotonic() < deadline:
+        full = _queue_is_full(stub, model)
+        for i, future in enumerate(futures):
+            if future.done():
+                assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED, future.exception()
+                futures[i] = stub.ModelInfer.future(requests[i], timeout=WAIT_S)
+                full = False
+        if full:
+            return futures
+    raise AssertionError("the requests could not be queued")
+
+
+def _queue_is_full(stub, model: str = "gated_batched") -> bool:  # type: ignore[no-untyped-def]
     """Probes the one-place queue while the instance is held.
 
     The probe asks for a 1 µs queue timeout, so when there is room it expires in the
@@ -98,7 +142,7 @@ def _queue_is_full(stub) -> bool:  # type: ignore[no-untyped-def]
     it is refused with RESOURCE_EXHAUSTED.
     """
     try:
-        stub.ModelInfer(gated_request(1, timeout=1), timeout=WAIT_S)
+        stub.ModelInfer(gated_request(1, model, timeout=1), timeout=WAIT_S)
     except grpc.RpcError as exc:
         assert exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED), exc
         return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
