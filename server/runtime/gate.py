@@ -90,7 +90,10 @@ class GatedRuntime(Runtime):
         run_id = f"{os.getpid()}.{_Counter.next(self.directory)}"
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 0
-        (self.directory / f"entered.{run_id}").write_text(json.dumps({"rows": rows}))
+        # Written under a temporary name, then renamed: a test that sees the file can read it whole.
+        staging = self.directory / f".entered.{run_id}.tmp"
+        staging.write_text(json.dumps({"rows": rows}))
+        os.replace(staging, self.directory / f"entered.{run_id}")
         release, always = self.directory / f"release.{run_id}", self.directory / "open"
         while not (always.exists() or release.exists()):
             if self._closed.wait(_POLL_S):
