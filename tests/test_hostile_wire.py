@@ -17,8 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server.core.errors import InvalidInputError
 from server.rpc import status
-from server.rpc.pb import grpc_service_pb2 as our_pb
-from server.rpc.pb import text_generation_pb2 as gen_pb
+from tests.test_property import rpc_paths
 
 WAIT_S = 60
 INFERENCE = "/inference.GRPCInferenceService/"
@@ -26,21 +25,6 @@ BAD_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 # Not a protobuf message: a field tag followed by a varint that never ends.
 GARBAGE = b"\x08" + b"\xff" * 11
 LONG = "n" * 100_000
-
-
-def _paths() -> list[tuple[str, bool, bool]]:
-    """(path, client_streaming, server_streaming) for every RPC the server exposes."""
-    services = [
-        our_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-        gen_pb.DESCRIPTOR.services_by_name["TextGeneration"],
-        health_pb2.DESCRIPTOR.services_by_name["Health"],
-        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-    ]
-    return [
-        (f"/{service.full_name}/{method.name}", method.client_streaming, method.server_streaming)
-        for service in services
-        for method in service.methods
-    ]
 
 
 def call_raw(channel: grpc.Channel, path: str, body: bytes, client_streaming: bool, server_streaming: bool) -> list[bytes]:
@@ -60,7 +44,7 @@ def raw_channel(server) -> Iterator[grpc.Channel]:  # type: ignore[no-untyped-de
         yield channel
 
 
-@pytest.mark.parametrize("path,client_streaming,server_streaming", _paths(), ids=lambda v: str(v))
+@pytest.mark.parametrize("path,client_streaming,server_streaming", rpc_paths(), ids=lambda v: str(v))
 def test_malformed_body_is_invalid_argument_on_every_path(
     raw_channel, path: str, client_streaming: bool, server_streaming: bool
 ) -> None:  # type: ignore[no-untyped-def]
