@@ -170,6 +170,7 @@ def main() -> None:
         port_file.unlink(missing_ok=True)
         server = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+             "--metrics-port", "0",
              "--workers", "1", "--port-file", str(port_file), "--log-level", "warning"], cwd=ROOT,
         )
         while not port_file.exists() or not port_file.read_text():

@@ -77,7 +77,8 @@ def start_ortserve(repo: Path, workers: int) -> tuple[subprocess.Popen, int]:
     port_file.unlink(missing_ok=True)
     process = subprocess.Popen(
         [PYTHON, "-m", "server", "serve", "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-         "--http-port", "0", "--port-file", str(port_file), "--workers", str(workers), "--log-level", "warning"],
+         "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--workers", str(workers),
+         "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     return process, wait_port_file(port_file, process)

@@ -286,7 +286,8 @@ def start_server(workers: int, workdir: Path) -> tuple[subprocess.Popen[bytes], 
     log = open(workdir / "server.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(ROOT / "model_repository"),
-         "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--port-file", str(port_file), "--workers", str(workers),
+         "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+         "--workers", str(workers),
          "--model-control-mode", "explicit", "--load-model", "*"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )

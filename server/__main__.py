@@ -28,12 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--http-max-body-bytes", type=int, help="largest HTTP request body (default: --max-receive-message-bytes)"
     )
+    serve.add_argument("--allow-metrics", choices=["true", "false"], help="serve Prometheus metrics (default true)")
+    serve.add_argument("--metrics-port", type=int, help="metrics port (default 8002; 0 picks a free port)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
     serve.add_argument("--max-receive-message-bytes", type=int, help="largest request accepted (default 1 GiB)")
+    serve.add_argument("--max-send-message-bytes", type=int, help="largest response sent (default 1 GiB)")
     serve.add_argument("--default-max-batch-size", type=int, help="max_batch_size for auto-completed models (default 64)")
     serve.add_argument("--strict-readiness", choices=["true", "false"], help="ready only when every model is (default true)")
     serve.add_argument("--shutdown-grace-s", type=float, help="seconds in-flight requests get at shutdown (default 10)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], help="text (default) or one JSON object per line")
+    serve.add_argument("--log-requests", choices=["true", "false"], help="write an access log line per request")
     serve.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], help="default none")
     serve.add_argument("--repository-poll-secs", type=float, help="poll mode scan interval (default 15)")
     serve.add_argument("--load-model", action="append", help="explicit mode: model to load at start (repeatable; * for all)")
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ortserve` console script."""
     args = _parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
-    for flag in ("strict_readiness", "allow_http"):
+    for flag in ("strict_readiness", "allow_http", "allow_metrics", "log_requests"):
         if flag in given:
             given[flag] = given[flag] == "true"
     try:

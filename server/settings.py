@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     """HTTP port (Triton's default 8000); 0 picks a free one."""
     http_max_body_bytes: int | None = Field(None, ge=1)
     """Largest HTTP request body; larger ones get 413 unread. Default: max_receive_message_bytes."""
+    allow_metrics: bool = True
+    """Serve Prometheus metrics at /metrics on metrics_port (and on the HTTP port)."""
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    """Metrics port (Triton's default 8002); 0 picks a free one (written to the port file's path + `.metrics`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when this ONNX Runtime build and machine have it, else CPU."""
     max_receive_message_bytes: int = Field(1 << 30, ge=4 << 20)
@@ -43,7 +47,11 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0)
     """How long in-flight requests may take to finish after SIGTERM or Ctrl-C."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """Server log level."""
+    """Server log level; only debug logs tensor contents or prompt text."""
+    log_format: Literal["text", "json"] = "text"
+    """text: one readable line per record; json: one JSON object per line (for log collectors)."""
+    log_requests: bool = False
+    """Write an access log line per request (protocol, method, model, status, duration, request id)."""
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
     """none: load every model at start; poll: also watch the repository; explicit: load through the API."""
     repository_poll_secs: float = Field(15.0, gt=0)
@@ -66,6 +74,10 @@ class Settings(BaseSettings):
         A file of its own keeps the port file a single number for every existing reader.
         """
         return None if self.port_file is None else self.port_file.with_name(self.port_file.name + ".http")
+
+    def metrics_port_file(self) -> Path | None:
+        """Where the bound metrics port is written: the port file's path with `.metrics` appended."""
+        return None if self.port_file is None else self.port_file.with_name(self.port_file.name + ".metrics")
 
     def resolved_http_max_body_bytes(self) -> int:
         """The HTTP body limit, defaulting to the gRPC receive limit."""

@@ -118,7 +118,9 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path, http_port: int = 0) -> list[str]:
+def _worker_command(
+    settings: Settings, port: int, index: int, peer_dir: Path, http_port: int = 0, metrics_port: int = 0
+) -> list[str]:
     args = [
         sys.executable, "-m", "server", "serve",
         "--model-repository", str(settings.model_repository),
@@ -127,12 +129,15 @@ def _worker_command(settings: Settings, port: int, index: int, peer_dir: Path, h
         "--default-max-batch-size", str(settings.default_max_batch_size),
         "--strict-readiness", "true" if settings.strict_readiness else "false",
         "--shutdown-grace-s", str(settings.shutdown_grace_s),
-        "--log-level", settings.log_level, "--event-loop", settings.event_loop,
+        "--log-level", settings.log_level, "--log-format", settings.log_format,
+        "--log-requests", "true" if settings.log_requests else "false", "--event-loop", settings.event_loop,
         "--workers", str(settings.workers), "--worker-index", str(index), "--peer-dir", str(peer_dir),
         "--model-control-mode", settings.model_control_mode,
         "--repository-poll-secs", str(settings.repository_poll_secs),
         "--allow-http", "true" if settings.allow_http else "false",
         "--http-port", str(http_port), "--http-max-body-bytes", str(settings.resolved_http_max_body_bytes()),
+        "--max-send-message-bytes", str(settings.max_send_message_bytes),
+        "--allow-metrics", "true" if settings.allow_metrics else "false", "--metrics-port", str(metrics_port),
     ]
     for name in settings.load_model:
         args += ["--load-model", name]
@@ -163,10 +168,11 @@ class _Worker:
 class _Supervisor:
     """Starts the workers, restarts any that dies, stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings, port: int, peer_dir: Path, http_port: int = 0) -> None:
+    def __init__(self, settings: Settings, port: int, peer_dir: Path, http_port: int = 0, metrics_port: int = 0) -> None:
         self.settings = settings
         self.port = port
         self.http_port = http_port
+        self.metrics_port = metrics_port
         self.peer_dir = peer_dir
         self.workers: list[_Worker] = []
 
@@ -174,7 +180,8 @@ class _Supervisor:
         # A dead worker leaves its ready mark and socket behind; the new one makes its own.
         (self.peer_dir / f"worker-{index}{READY_SUFFIX}").unlink(missing_ok=True)
         worker_socket(self.peer_dir, index).unlink(missing_ok=True)
-        return subprocess.Popen(_worker_command(self.settings, self.port, index, self.peer_dir, self.http_port))
+        command = _worker_command(self.settings, self.port, index, self.peer_dir, self.http_port, self.metrics_port)
+        return subprocess.Popen(command)
 
     def start_all(self) -> None:
         self.workers = [_Worker(i, self.spawn(i)) for i in range(self.settings.workers)]
@@ -237,6 +244,8 @@ def supervise(settings: Settings) -> int:
     # The HTTP port too: every worker serves both, so port 0 must become one port they all share.
     reserved_http = _reserve_port(settings.host, settings.http_port) if settings.allow_http else None
     http_port = reserved_http.getsockname()[1] if reserved_http is not None else 0
+    reserved_metrics = _reserve_port(settings.host, settings.metrics_port) if settings.allow_metrics else None
+    metrics_port = reserved_metrics.getsockname()[1] if reserved_metrics is not None else 0
     peer_dir = Path(tempfile.mkdtemp(prefix="ortserve-"))
     stopping = False
     failed = False
@@ -247,7 +256,7 @@ def supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    supervisor = _Supervisor(settings, port, peer_dir, http_port)
+    supervisor = _Supervisor(settings, port, peer_dir, http_port, metrics_port)
     supervisor.start_all()
     try:
         while not stopping:
@@ -262,9 +271,14 @@ def supervise(settings: Settings) -> int:
             time.sleep(0.05)
         if not stopping and not failed:
             reserved.close()  # the workers hold the port now
-            if reserved_http is not None:
-                reserved_http.close()
+            for extra in (reserved_http, reserved_metrics):
+                if extra is not None:
+                    extra.close()
             logger.info("ortserve listening on %s:%d with %d workers", settings.host, port, len(supervisor.workers))
+            metrics_port_file = settings.metrics_port_file()
+            if metrics_port_file is not None and reserved_metrics is not None:
+                logger.info("ortserve metrics on %s:%d", settings.host, metrics_port)
+                metrics_port_file.write_text(str(metrics_port))
             http_port_file = settings.http_port_file()
             if http_port_file is not None and reserved_http is not None:
                 logger.info("ortserve HTTP on %s:%d", settings.host, http_port)
@@ -277,9 +291,9 @@ def supervise(settings: Settings) -> int:
         codes = supervisor.stop_all()
         return 0 if stopping and not failed and all(c == 0 for c in codes) else 1
     finally:
-        reserved.close()
-        if reserved_http is not None:
-            reserved_http.close()
+        for sock in (reserved, reserved_http, reserved_metrics):
+            if sock is not None:
+                sock.close()
         shutil.rmtree(peer_dir, ignore_errors=True)
 
 

@@ -117,7 +117,8 @@ class ServerProcess:
     """An `ortserve serve` child process on free loopback ports.
 
     gRPC is at `address`; HTTP (unless `--allow-http false`) at `http_address` / `http_url`,
-    its port read from the port file's `.http` sibling.
+    its port read from the port file's `.http` sibling; Prometheus metrics (unless
+    `--allow-metrics false`) at `metrics_url`, the port from the `.metrics` sibling.
     """
 
     def __init__(self, repository: Path, workdir: Path, *extra: str) -> None:
@@ -128,8 +129,11 @@ class ServerProcess:
         workers = [] if "--workers" in extra else ["--workers", "1"]
         # A free HTTP port too: Triton's 8000 would collide between test servers.
         http = [] if "--http-port" in extra else ["--http-port", "0"]
+        http += [] if "--metrics-port" in extra else ["--metrics-port", "0"]
         self.http_port_file = workdir / "port.http"
-        self.http_port_file.unlink(missing_ok=True)
+        self.metrics_port_file = workdir / "port.metrics"
+        for path in (self.http_port_file, self.metrics_port_file):
+            path.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *workers, *http, *extra,
@@ -149,6 +153,9 @@ class ServerProcess:
         self.http_port = int(self.http_port_file.read_text()) if self.http_port_file.exists() else 0
         self.http_address = f"127.0.0.1:{self.http_port}"
         self.http_url = f"http://{self.http_address}"
+        # Also written before the gRPC port file; absent when metrics are off.
+        self.metrics_port = int(self.metrics_port_file.read_text()) if self.metrics_port_file.exists() else 0
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
