@@ -21,4 +21,16 @@ else
     $PIP install --quiet -e ".[export,dev]"
     # The test suite runs a short genai-perf profile against the server.
     bash bench/setup_genai_perf.sh
+    # tests/test_prometheus.py runs Debian's prometheus and promtool (it starts its own Prometheus).
+    if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+        # The package starts a system Prometheus on :9090 where an init system lets it; nothing here uses it.
+        if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+        elif [ -x /etc/init.d/prometheus ]; then
+            $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
+        fi
+    fi
 fi
