@@ -10,12 +10,14 @@ from importlib import metadata
 from typing import Any
 
 import grpc
+import orjson
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server import workers
 from server.core.errors import ServerError
 from server.http.app import create_app
+from server.http.metrics import create_metrics_app
 from server.http.server import HttpServer
 from server.repository.registry import ModelRegistry
 from server.repository.repository import ModelRepository
@@ -27,12 +29,14 @@ from server.rpc.registration import (
     add_generation_service,
     add_health_service,
     add_inference_service,
+    add_peer_metrics_service,
     add_reflection_service,
 )
 from server.rpc.servicers import InferenceServicer
 from server.schema import _pool
 from server.service.control import decode_override
 from server.service.dataplane import DataPlane, ServerState, WorkerPeers
+from server.service.metrics import families_to_json
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,8 +85,10 @@ class OrtServer:
         self._background: set[asyncio.Task[None]] = set()
         self.port = 0
         self.http_port = 0
+        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
+        self._metrics: HttpServer | None = None
 
     async def start(self) -> int:
         """Loads the models, then starts listening; returns the bound port."""
@@ -103,9 +109,10 @@ class OrtServer:
             ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
         server = grpc.aio.server(options=options)
-        add_inference_service(InferenceServicer(self.plane), server)
-        add_generation_service(TextGenerationServicer(self.plane), server)
-        add_health_service(self.health, server)
+        counter = self.plane.grpc_requests
+        add_inference_service(InferenceServicer(self.plane), server, counter)
+        add_generation_service(TextGenerationServicer(self.plane), server, counter)
+        add_health_service(self.health, server, counter)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
         try:
@@ -116,11 +123,14 @@ class OrtServer:
             raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
         if worker is not None and self.settings.peer_dir is not None:
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
+            add_peer_metrics_service(lambda: orjson.dumps(families_to_json(self.plane.local_metrics())), server)
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()
         if self.settings.allow_http:
             await self._start_http(reuse_port=worker is not None)
+        if self.settings.allow_metrics:
+            await self._start_metrics(reuse_port=worker is not None)
         if control_fd is not None:
             workers.unlock_control(control_fd)
         self._server = server
@@ -133,23 +143,36 @@ class OrtServer:
             workers.mark_ready(self.settings.peer_dir, worker)
             return self.port
         logger.info("ortserve listening on %s:%d", self.settings.host, self.port)
-        http_port_file = self.settings.http_port_file()
-        if http_port_file is not None and self._http is not None:
-            http_port_file.write_text(str(self.http_port))  # before the gRPC one, which readers wait for
+        # Before the gRPC port file, which readers wait for.
+        for path, port in ((self.settings.http_port_file(), self.http_port),
+                           (self.settings.metrics_port_file(), self.metrics_port)):
+            if path is not None and port:
+                path.write_text(str(port))
         if self.settings.port_file:
             self.settings.port_file.write_text(str(self.port))
         return self.port
 
     async def _start_http(self, reuse_port: bool) -> None:
         """The HTTP front end over the same data plane, in this process and event loop."""
-        app = create_app(self.plane, self.settings.resolved_http_max_body_bytes(), server_version())
-        try:
-            self._http = HttpServer(app, self.settings.host, self.settings.http_port, reuse_port, "warning")
-        except OSError as exc:
-            raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.http_port} (HTTP): {exc}") from exc
-        await self._http.start()
+        app = create_app(
+            self.plane, self.settings.resolved_http_max_body_bytes(), server_version(), self.settings.allow_metrics
+        )
+        self._http = await self._listen(app, self.settings.http_port, reuse_port, "HTTP")
         self.http_port = self._http.port
-        logger.info("HTTP on %s:%d", self.settings.host, self.http_port)
+
+    async def _start_metrics(self, reuse_port: bool) -> None:
+        """Prometheus metrics on their own port (Triton's 8002), in this process and event loop."""
+        self._metrics = await self._listen(create_metrics_app(self.plane), self.settings.metrics_port, reuse_port, "metrics")
+        self.metrics_port = self._metrics.port
+
+    async def _listen(self, app: Any, port: int, reuse_port: bool, what: str) -> HttpServer:
+        try:
+            server = HttpServer(app, self.settings.host, port, reuse_port, "warning")
+        except OSError as exc:
+            raise SystemExit(f"could not listen on {self.settings.host}:{port} ({what}): {exc}") from exc
+        await server.start()
+        logger.info("%s on %s:%d", what, self.settings.host, server.port)
+        return server
 
     async def _load_startup_models(self) -> None:
         """The start-up models; a worker in explicit mode loads the set its siblings serve now, if changed."""
@@ -215,11 +238,9 @@ class OrtServer:
             await asyncio.sleep(DRAIN_POLL_S)
         # Both front ends stop together: requests and streams in flight keep the rest of the grace.
         remaining = max(0.0, deadline - loop.time())
-        if self._http is not None:
-            await asyncio.gather(self._server.stop(remaining), self._http.stop(remaining))
-            self._http = None
-        else:
-            await self._server.stop(remaining)
+        http = [s.stop(remaining) for s in (self._http, self._metrics) if s is not None]
+        await asyncio.gather(self._server.stop(remaining), *http)
+        self._http = self._metrics = None
         await self._server.wait_for_termination()
         self._server = None
         for task in list(self._background):

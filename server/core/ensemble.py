@@ -13,7 +13,7 @@ import numpy as np
 
 from server.core.errors import ModelLoadError, ModelNotReadyError, ServerError
 from server.core.model import Model, ModelSignature, SignatureValidator, classify
-from server.core.statistics import ModelStats
+from server.core.statistics import ModelStats, failure_reason
 from server.core.types import InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
 
 ENSEMBLE_PLATFORM = "ensemble"
@@ -116,7 +116,7 @@ class EnsembleModel:
     async def infer(self, request: InferRequest, deadline_s: float | None = None) -> InferResponse:
         """Runs the steps as their inputs become available and returns the requested outputs."""
         start = time.perf_counter_ns()
-        ok = False
+        failure: str | None = None
         depth = _depth.get() + 1
         token = _depth.set(depth)
         try:
@@ -144,11 +144,13 @@ class EnsembleModel:
                     outputs.append(OutputTensor(output.name, "BYTES", tuple(data.shape), data))
                 else:
                     outputs.append(OutputTensor(output.name, tensor.datatype, tuple(data.shape), data))
-            ok = True
             return InferResponse(self.name, str(self.version), request.id, outputs)
+        except BaseException as exc:
+            failure = failure_reason(exc)
+            raise
         finally:
             _depth.reset(token)
-            self.stats.record_request(ok, time.perf_counter_ns() - start)
+            self.stats.record_request(failure, time.perf_counter_ns() - start)
 
     async def _run_steps(
         self, steps: list[EnsembleStep], tensors: dict[str, InputTensor], request: InferRequest, deadline_s: float | None

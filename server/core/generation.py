@@ -38,6 +38,7 @@ from server.core.errors import (
     quoted,
 )
 from server.core.sampling import MAX_STOP_STRINGS, SamplingColumns, SamplingParams, StopMatcher, draw
+from server.core.statistics import GenerationStats
 from server.core.types import InferRequest, ParamValue
 from server.runtime.base import Runtime
 
@@ -81,6 +82,8 @@ class Stream:
     done: bool = False
     cancelled: bool = False
     steps_after_cancel: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # set by the model thread when the stream gets a place in the batch
 
 
 class GenerationScheduler:
@@ -135,11 +138,23 @@ class GenerationScheduler:
         self._positions = np.zeros(0, np.int64)
         self._columns: SamplingColumns | None = None  # of _active; rebuilt when rows come or go
         self.steps = 0
+        self.stats = GenerationStats()
 
     @property
     def active(self) -> int:
         """Streams in the batch now."""
         return len(self._active)
+
+    def load(self) -> tuple[int, int, float]:
+        """Streams in the batch, streams waiting for a place, and the share of the token budget
+        (the cache) the batch holds, for the metrics gauges.
+
+        Read on the event loop while the model thread changes the batch: a copy of the list is
+        taken first (one operation under the GIL), so the values are a consistent moment's.
+        """
+        active = list(self._active)
+        reserved = sum(self._reserved(s) for s in active)
+        return len(active), len(self._waiting), reserved / self.max_batch_tokens if self.max_batch_tokens else 0.0
 
     @property
     def busy(self) -> bool:
@@ -198,15 +213,34 @@ class GenerationScheduler:
         if deadline_s is not None:
             expired = DeadlineExceededError("the request's deadline passed during generation")
             timer = stream.loop.call_later(max(deadline_s, 0.0), stream.queue.put_nowait, expired)
+        stats = self.stats
+        last_chunk: float | None = None
+        tokens_counted = 0
+        ended = "abort"  # unless the stream finishes; an error leaves `ended` None
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    if not isinstance(item, DeadlineExceededError):
+                        ended = ""
                     raise item
+                now = time.perf_counter()
+                if last_chunk is None:
+                    queued = (stream.admitted if stream.admitted is not None else now) - stream.arrived
+                    stats.first_chunk(queued, now - stream.arrived, len(stream.prompt_ids) - 1)
+                count = len(item.token_ids)
+                if item.finish_reason is not None:
+                    count = item.completion_tokens - tokens_counted  # the end-of-text token is not output
+                    ended = item.finish_reason
+                stats.tokens(count, None if last_chunk is None else now - last_chunk)
+                tokens_counted += count
+                last_chunk = now
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
+            if ended:
+                stats.end(ended, time.perf_counter() - stream.arrived)
             if timer is not None:
                 timer.cancel()
             # Client gone or deadline: the model thread drops the stream before its next step.
@@ -281,6 +315,7 @@ class GenerationScheduler:
             need = self._reserved(stream)
             if used + need > self.max_batch_tokens and (self._active or admitted):
                 break  # first come, first served: later streams wait too
+            stream.admitted = time.perf_counter()
             admitted.append(self._waiting.popleft())
             used += need
         return admitted

@@ -14,7 +14,7 @@ from server.core.batcher import Scheduler, SchedulerConfig
 from server.core.errors import InvalidInputError, ModelRunError, quoted
 from server.core.generation import GenerationScheduler, TokenChunk, request_args
 from server.core.sampling import SamplingParams
-from server.core.statistics import ModelStats
+from server.core.statistics import ModelStats, failure_reason
 from server.core.types import (
     InferRequest,
     InferResponse,
@@ -205,7 +205,7 @@ class Model:
             (answer,) = [r async for r in self.text_responses(request, deadline_s, decoupled=False)]
             return answer.to_infer_response()
         start = time.perf_counter_ns()
-        ok = False
+        failure: str | None = None
         try:
             batch_size = self.validator.validate(request)
             outputs = self.validator.requested_outputs(request.outputs)
@@ -224,10 +224,12 @@ class Model:
                 id=request.id,
                 outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
             )
-            ok = True
             return response
+        except BaseException as exc:
+            failure = failure_reason(exc)
+            raise
         finally:
-            self.stats.record_request(ok, time.perf_counter_ns() - start)
+            self.stats.record_request(failure, time.perf_counter_ns() - start)
 
     async def text_responses(
         self, request: InferRequest, deadline_s: float | None, decoupled: bool
@@ -247,14 +249,16 @@ class Model:
             ServerError: from the generation scheduler (queue full, deadline, model stopping).
         """
         started = time.perf_counter_ns()
-        ok = False
+        failure: str | None = None
         try:
             async for response in self._assemble_text(request, deadline_s, decoupled):
                 yield response
-            ok = True
+        except BaseException as exc:
+            failure = failure_reason(exc)
+            raise
         finally:
             if self.generator is not None:
-                self.record_generation(ok, time.perf_counter_ns() - started)
+                self.record_generation(failure, time.perf_counter_ns() - started)
 
     async def _assemble_text(
         self, request: InferRequest, deadline_s: float | None, decoupled: bool
@@ -294,19 +298,25 @@ class Model:
         if self.generator is None:
             raise InvalidInputError(f"model '{self.name}' is not a text-generation model")
         started = time.perf_counter_ns()
-        ok = False
+        failure: str | None = None
         try:
             async for chunk in self.generator.generate(prompt.encode("utf-8"), params, deadline_s):
                 yield chunk
-            ok = True
+        except BaseException as exc:
+            failure = failure_reason(exc)
+            raise
         finally:
-            self.record_generation(ok, time.perf_counter_ns() - started)
+            self.record_generation(failure, time.perf_counter_ns() - started)
 
-    def record_generation(self, ok: bool, total_ns: int) -> None:
-        """Counts one finished text-generation request (one inference; its decode steps run batched)."""
-        if ok:
+    def record_generation(self, failure: str | None, total_ns: int) -> None:
+        """Counts one finished text-generation request (one inference; its decode steps run batched).
+
+        Args:
+            failure: None for a success, else its reason (statistics.FAILURE_REASONS).
+        """
+        if failure is None:
             self.stats.record_execution(1, 1, 0, total_ns, 0)
-        self.stats.record_request(ok, total_ns)
+        self.stats.record_request(failure, total_ns)
 
     def _build_output(self, requested: RequestedOutput, data: np.ndarray) -> OutputTensor:
         spec = self.validator.outputs[requested.name]

@@ -14,6 +14,7 @@ from server.core.errors import ServerError
 from server.http import ClientDisconnectedError, kserve, openai
 from server.http.errors import bounded, error_body, log_error, openai_error_body, status_for
 from server.http.kserve import json_response
+from server.http.metrics import CountRequests, metrics_response
 from server.service.dataplane import DataPlane
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,14 @@ class BodyTooLargeError(Exception):
     """The request body passed --http-max-body-bytes while it was being read."""
 
 
-def create_app(plane: DataPlane, max_body_bytes: int, version: str = "") -> FastAPI:
+def create_app(plane: DataPlane, max_body_bytes: int, version: str = "", metrics: bool = True) -> FastAPI:
     """The HTTP application over a data plane.
 
     Args:
         plane: The data plane every route serves from.
         max_body_bytes: The largest request body; larger ones get 413, unread.
         version: The server version shown in the OpenAPI document.
+        metrics: Serve GET /metrics (Prometheus) here too, beside the metrics port.
     """
     app = FastAPI(
         title="ortserve",
@@ -47,8 +49,15 @@ def create_app(plane: DataPlane, max_body_bytes: int, version: str = "") -> Fast
     app.add_exception_handler(BodyTooLargeError, _too_large)
     app.add_exception_handler(ClientDisconnectedError, _disconnected)
     app.add_exception_handler(Exception, _unexpected)
+    if metrics:
+        app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(CountRequests, counter=plane.http_requests)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
+
+
+async def _metrics(request: Request) -> Response:
+    return await metrics_response(request.app.state.plane)
 
 
 def error_response(path: str, status: int, message: str) -> Response:

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Generator
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class HttpServer:
         log_level: uvicorn's log level.
     """
 
-    def __init__(self, app: FastAPI, host: str, port: int, reuse_port: bool, log_level: str = "warning") -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, reuse_port: bool, log_level: str = "warning") -> None:
         self._socket = bind_socket(host, port, reuse_port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
@@ -186,11 +187,14 @@ class ModelRegistry:
             stamp = fingerprint(self.repository, name)
             abandoned = threading.Event()
             self._building.add(abandoned)
+            load_started = time.perf_counter()
             build = asyncio.ensure_future(asyncio.to_thread(self._build, name, config_override, abandoned))
             try:
                 # Shielded: on cancellation the thread cannot be interrupted, so it is told to
                 # stop (abandoned) and whatever it still returns is closed when it ends.
                 models = await asyncio.shield(build)
+                for model in models:
+                    model.stats.load_seconds = time.perf_counter() - load_started  # nv_model_load_duration_secs
                 try:
                     for model in models:
                         if isinstance(model, EnsembleModel):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+import orjson
 from google.protobuf import json_format
 
 from server.core.errors import (
@@ -21,7 +22,9 @@ from server.core.errors import (
 from server.rpc import converters
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
+from server.rpc.registration import PEER_METRICS_METHOD
 from server.schema import model_config_pb2 as mc
+from server.service.metrics import Family, families_from_json
 from server.service.statistics import VersionStatistics
 
 logger = logging.getLogger(__name__)
@@ -59,11 +62,14 @@ class GrpcPeers:
             await channel.close()
         self._channels.clear()
 
-    def _stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        return pb_grpc.GRPCInferenceServiceStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
+        return pb_grpc.GRPCInferenceServiceStub(self._channel(address))
 
     def _forget(self, address: str) -> None:
         """Replaces the channel to a sibling that did not answer; the next call opens a new one.
@@ -92,6 +98,17 @@ class GrpcPeers:
             self._forget(address)
             return None
         return converters.statistics_from_pb(reply)
+
+    async def metrics(self, address: str) -> list[Family] | None:
+        """The sibling's own metric families (the private Peer/Metrics call); None when it did not answer."""
+        call = self._channel(address).unary_unary(PEER_METRICS_METHOD)
+        try:
+            reply = await call(b"", timeout=PEER_STATISTICS_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("worker at %s did not answer for metrics: %s", address, exc.code().name)
+            self._forget(address)
+            return None
+        return families_from_json(orjson.loads(reply))
 
     async def load(self, address: str, name: str, config: mc.ModelConfig | None) -> bool:
         """RepositoryModelLoad on one sibling, the override as the JSON `config` parameter; False when it is down."""

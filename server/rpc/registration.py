@@ -8,6 +8,8 @@ not write (health, reflection) are wrapped so the marker never reaches them.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +22,14 @@ from server.rpc import status
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.rpc.status import MalformedRequest
+from server.service.metrics import RequestCounter
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 GENERATION_SERVICE = gen_pb.DESCRIPTOR.services_by_name["TextGeneration"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+PEER_SERVICE = "ortserve.peer.Peer"  # private to sibling workers; see add_peer_metrics_service
+PEER_METRICS_METHOD = f"/{PEER_SERVICE}/Metrics"
 
 # grpc.aio keeps one pending "next call" future per registered method, plus one for all
 # the others, and each incoming call costs an asyncio.wait over the whole set (with every
@@ -49,40 +54,52 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
     return deserialize
 
 
-def add_inference_service(servicer: object, server: grpc.aio.Server) -> None:
+def add_inference_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
     """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
-    add_service(SERVICE, pb, servicer, server)
+    add_service(SERVICE, pb, servicer, server, counter=counter)
 
 
-def add_generation_service(servicer: object, server: grpc.aio.Server) -> None:
+def add_generation_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
     """Adds ortserve.v1.TextGeneration."""
-    add_service(GENERATION_SERVICE, gen_pb, servicer, server)
+    add_service(GENERATION_SERVICE, gen_pb, servicer, server, counter=counter)
 
 
-def add_health_service(servicer: object, server: grpc.aio.Server) -> None:
+def add_health_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
     """Adds grpc.health.v1.Health (Check and Watch) around the stock servicer."""
-    add_foreign_service(HEALTH_SERVICE, health_pb2, servicer, server)
+    add_service(HEALTH_SERVICE, health_pb2, servicer, server, guarded=True, counter=counter)
 
 
 def add_reflection_service(servicer: object, server: grpc.aio.Server) -> None:
-    """Adds grpc.reflection.v1alpha.ServerReflection around the stock servicer."""
-    add_foreign_service(REFLECTION_SERVICE, reflection_pb2, servicer, server)
+    """Adds grpc.reflection.v1alpha.ServerReflection around the stock servicer (not counted: tooling only)."""
+    add_service(REFLECTION_SERVICE, reflection_pb2, servicer, server, guarded=True)
 
 
-def add_foreign_service(service: Any, module: Any, servicer: object, server: grpc.aio.Server) -> None:
-    """Registers a servicer we did not write (health, reflection): its methods do not check for
-    MalformedRequest, so each is wrapped with status.guard. Served by the generic handler only."""
-    add_service(service, module, servicer, server, guarded=True)
+def add_peer_metrics_service(local_metrics: Callable[[], bytes], server: grpc.aio.Server) -> None:
+    """The private call a sibling worker makes for this worker's own metric families (JSON bytes).
+
+    Raw bytes both ways (no message type of its own); answered on the private Unix socket
+    only: on the public port it does not exist (UNIMPLEMENTED, as any unknown method).
+    """
+
+    async def metrics(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if not (context.peer() or "").startswith("unix:"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return local_metrics()
+
+    handler = grpc.unary_unary_rpc_method_handler(metrics)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PEER_SERVICE, {"Metrics": handler}),))
 
 
 def add_service(
-    service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False
+    service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False,
+    counter: RequestCounter | None = None,
 ) -> None:
     """Registers `servicer`'s methods for every RPC of `service` (messages from `module`).
 
     Args:
         guarded: Wrap each method with status.guard (for methods that do not call
-            status.check_parsed themselves).
+            status.check_parsed themselves: servicers we did not write, served by the generic handler only).
+        counter: Counts each call by method and final status code (the metrics' gRPC requests).
     """
     handlers = {}
     for method in service.methods:
@@ -90,6 +107,8 @@ def add_service(
         behaviour = getattr(servicer, method.name)
         if guarded:
             behaviour = status.guard(behaviour, method.client_streaming, method.server_streaming)
+        if counter is not None:
+            behaviour = _counted(behaviour, f"/{service.full_name}/{method.name}", counter)
         deserializer = _safe_deserializer(request_class)
         serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:
@@ -105,3 +124,50 @@ def add_service(
     hot = {name: h for name, h in handlers.items() if f"{service.full_name}/{name}" in HOT_METHODS}
     if hot:
         server.add_registered_method_handlers(service.full_name, hot)
+
+
+def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return default if code is None else str(code)
+
+
+def _counted(behaviour: Callable[..., Any], path: str, counter: RequestCounter) -> Callable[..., Any]:
+    """`behaviour` counting each call once, by its final status: the code it set or aborted with,
+    OK when it set none, CANCELLED when the call was cancelled, UNKNOWN for an escaped exception."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            outcome = "UNKNOWN"
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+                outcome = "OK"
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                outcome = ""
+                raise
+            finally:
+                counter.count(path, _code_name(context, outcome or "UNKNOWN"))
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        outcome = "UNKNOWN"
+        try:
+            result = await behaviour(request, context)
+            outcome = "OK"
+            return result
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            outcome = ""
+            raise
+        finally:
+            counter.count(path, _code_name(context, outcome or "UNKNOWN"))
+
+    return call

@@ -18,6 +18,7 @@ from server import workers
 from server.core.errors import ModelNotFoundError
 from server.repository.registry import ModelRegistry
 from server.schema import model_config_pb2 as mc
+from server.service.metrics import Family
 from server.service.statistics import VersionStatistics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class Peers(Protocol):
         Raises:
             ServerError: the sibling refused (ModelNotFoundError when it did not have the model).
         """
+
+    async def metrics(self, address: str) -> list[Family] | None:
+        """The sibling's own metric families (service.metrics); None when it did not answer."""
 
     async def close(self) -> None:
         """Releases connections to the siblings."""

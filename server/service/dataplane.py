@@ -21,7 +21,9 @@ from server.core.types import FINAL_PARAMETER, InferRequest, InferResponse, Text
 from server.repository.registry import IndexEntry, ModelRegistry
 from server.schema import model_config_pb2 as mc
 from server.service.control import ModelControl, Peers
+from server.service.metrics import Family, grpc_counter, http_counter, merge, model_families
 from server.service.statistics import VersionStatistics, merge_statistics
+from server.service.system_metrics import SystemGauges
 
 SERVER_NAME = "ortserve"
 # Only what is true of this server: perf_analyzer reads statistics only when "statistics"
@@ -94,6 +96,10 @@ class DataPlane:
         self._control_mode = control_mode
         self._workers: WorkerPeers | None = None
         self._control: ModelControl | None = None
+        # Counted by the front ends, exported by metrics().
+        self.http_requests = http_counter()
+        self.grpc_requests = grpc_counter()
+        self._system = SystemGauges()
 
     def attach_workers(self, workers: WorkerPeers) -> None:
         """Makes statistics add up the siblings' and loads/unloads apply to every worker."""
@@ -250,6 +256,28 @@ class DataPlane:
                 if reply is not None:
                     merge_statistics(stats, reply)
         return stats
+
+    # Metrics.
+
+    def local_metrics(self) -> list[Family]:
+        """This worker's own metric families (no server-wide gauges): its models and its front ends' counts."""
+        families = model_families(self.registry.models())
+        families += [self.http_requests.family(), self.grpc_requests.family()]
+        return families
+
+    async def metrics(self) -> list[Family]:
+        """The whole server's metric families: every worker's added up, then the server-wide gauges.
+
+        A sibling that does not answer (restarting) is left out of this scrape.
+        """
+        families = self.local_metrics()
+        if self._workers is not None:
+            peers = self._workers.peers
+            for reply in await asyncio.gather(*(peers.metrics(a) for a in self._workers.addresses)):
+                if reply is not None:
+                    merge(families, reply)
+        on_gpu = any("CUDAExecutionProvider" in getattr(m, "providers", ()) for m in self.registry.models())
+        return families + self._system.families(gpu=on_gpu)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model on disk or known, with its state and the reason when not ready."""

@@ -249,7 +249,7 @@ class StatisticsPeers:
 async def test_statistics_add_up_the_siblings_unless_local_only(tmp_path: Path) -> None:
     model = generation_model(["a"])
     model.stats.record_execution(1, 1, 0, 10, 0)
-    model.stats.record_request(True, 10)
+    model.stats.record_request(None, 10)
     data_plane = plane(FakeRegistry({"writer": model}))
     data_plane.attach_workers(WorkerPeers(StatisticsPeers(), ("unix:sibling",), tmp_path, 0))
     local = await data_plane.statistics(local_only=True)

@@ -1,0 +1,116 @@
+"""Prometheus metrics over HTTP: the text exposition format, the /metrics route, and the request counter.
+
+The text is written here rather than by prometheus_client: its writer always appends
+`_total` to a counter family's name (and strips it from the name it is given), while
+Triton's counters have no suffix (`# TYPE nv_inference_count counter`) and Triton's
+dashboards query them by those exact names. The format itself (version 0.0.4) is small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.core.histogram import Histogram
+from server.service.dataplane import DataPlane
+from server.service.metrics import Family, RequestCounter
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Methods counted by name; anything else a client sends counts as "other", so a client
+# cannot make the counter grow a series per made-up method.
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    pairs = [f'{n}="{_label_value(v)}"' for n, v in zip(names, values)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def render(families: Sequence[Family]) -> bytes:
+    """The families in Prometheus's text format (0.0.4); histograms as cumulative `_bucket`s, `_sum`, `_count`."""
+    lines: list[str] = []
+    for family in families:
+        help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"# HELP {family.name} {help_text}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for values, value in family.samples.items():
+            if isinstance(value, Histogram):
+                for bound, count in zip([*value.bounds, math.inf], value.cumulative()):
+                    le = "+Inf" if math.isinf(bound) else repr(float(bound))
+                    labels = _labels(family.labels, values, 'le="' + le + '"')
+                    lines.append(f"{family.name}_bucket{labels} {count}")
+                lines.append(f"{family.name}_sum{_labels(family.labels, values)} {_number(value.sum)}")
+                lines.append(f"{family.name}_count{_labels(family.labels, values)} {value.count}")
+            else:
+                lines.append(f"{family.name}{_labels(family.labels, values)} {_number(value)}")
+    lines.append("")
+    return "\n".join(lines).encode("utf-8")
+
+
+async def metrics_response(plane: DataPlane) -> Response:
+    """The whole server's metrics (every worker's), as a scrape answer."""
+    return Response(render(await plane.metrics()), media_type=CONTENT_TYPE)
+
+
+def create_metrics_app(plane: DataPlane) -> Starlette:
+    """The metrics port's application: GET /metrics, nothing else (404)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await metrics_response(plane)
+
+    return Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
+
+
+class CountRequests:
+    """Counts every HTTP request once, by method, route template and status code.
+
+    The route is the template the request matched (`/v2/models/{model_name}/infer`), never
+    the raw path, so series do not grow with model names or made-up paths; an unmatched
+    path counts as "unmatched". A request that ends without a response counts as 500.
+    """
+
+    def __init__(self, app: ASGIApp, counter: RequestCounter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.counter.count(method, template, str(status))
