@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -60,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(**given)
     except ValidationError as exc:
         sys.exit(f"ortserve: invalid settings:\n{exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from server.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     from server.memory import tune_allocator
 
     tune_allocator()

@@ -26,6 +26,7 @@ from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.peers import GrpcPeers
 from server.rpc.registration import (
     GENERATION_SERVICE,
+    CallObserver,
     add_generation_service,
     add_health_service,
     add_inference_service,
@@ -109,10 +110,10 @@ class OrtServer:
             ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
         server = grpc.aio.server(options=options)
-        counter = self.plane.grpc_requests
-        add_inference_service(InferenceServicer(self.plane), server, counter)
-        add_generation_service(TextGenerationServicer(self.plane), server, counter)
-        add_health_service(self.health, server, counter)
+        observer = CallObserver(self.plane.grpc_requests, self.settings.log_requests)
+        add_inference_service(InferenceServicer(self.plane), server, observer)
+        add_generation_service(TextGenerationServicer(self.plane), server, observer)
+        add_health_service(self.health, server, observer)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
         try:
@@ -155,7 +156,8 @@ class OrtServer:
     async def _start_http(self, reuse_port: bool) -> None:
         """The HTTP front end over the same data plane, in this process and event loop."""
         app = create_app(
-            self.plane, self.settings.resolved_http_max_body_bytes(), server_version(), self.settings.allow_metrics
+            self.plane, self.settings.resolved_http_max_body_bytes(), server_version(), self.settings.allow_metrics,
+            self.settings.log_requests,
         )
         self._http = await self._listen(app, self.settings.http_port, reuse_port, "HTTP")
         self.http_port = self._http.port

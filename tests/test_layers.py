@@ -16,8 +16,9 @@ from tests.conftest import ROOT
 SERVER = ROOT / "server"
 # What each package may import of server/ besides itself and the schema.
 ALLOWED: dict[str, set[str]] = {
-    "rpc": {"service", "repository", "core", "runtime"},
-    "http": {"service", "repository", "core", "runtime"},
+    # logs: request ids and the access log; a leaf of the standard library only (checked below).
+    "rpc": {"service", "repository", "core", "runtime", "logs"},
+    "http": {"service", "repository", "core", "runtime", "logs"},
     "service": {"repository", "core", "runtime", "workers"},
     "repository": {"core", "runtime"},
     "core": {"runtime"},
@@ -91,3 +92,8 @@ def test_the_checker_sees_relative_and_lazy_imports(tmp_path: Path) -> None:
     probe.parent.mkdir(parents=True)
     probe.write_text("def f():\n    from ..rpc import status\n    import grpc\n")
     assert "server.rpc.status" in imports(probe, tmp_path) and "grpc" in imports(probe, tmp_path)
+
+
+def test_logging_module_imports_nothing_of_the_server() -> None:
+    """server/logs.py is imported by both front ends; it must stay a leaf."""
+    assert [m for m in imports(SERVER / "logs.py") if m.startswith("server")] == []

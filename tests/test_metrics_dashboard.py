@@ -156,15 +156,16 @@ def digits_image(seed: int = 0) -> np.ndarray:
 
 
 def infer_digits_grpc(address: str, count: int) -> None:
-    """`count` single-image requests through tritonclient's gRPC client, one after another."""
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        for i in range(count):
+    """`count` single-image requests through tritonclient's gRPC client, one after another, each on its own
+    connection: a server with several workers then spreads them over its processes."""
+    for i in range(count):
+        client = grpcclient.InferenceServerClient(address)
+        try:
             image = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
             image.set_data_from_numpy(digits_image(i))
             client.infer("digits", [image])
-    finally:
-        client.close()
+        finally:
+            client.close()
 
 
 def copy_models(repo: Path, *names: str) -> Path:

@@ -39,11 +39,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def metrics_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server over a copy of the committed digits model; only this module sends it requests."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def metrics_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server over a copy of the committed digits model; only this module sends it requests.
+    With two workers the requests spread over two processes, and one scrape must add up both."""
     server = ServerProcess(copy_models(tmp_path_factory.mktemp("prom_repo"), "digits"),
-                           tmp_path_factory.mktemp("prom_server"))
+                           tmp_path_factory.mktemp("prom_server"), "--workers", str(request.param))
     yield server
     assert server.stop() == 0, server.log()
 

@@ -14,7 +14,7 @@ from server.core.errors import ServerError
 from server.http import ClientDisconnectedError, kserve, openai
 from server.http.errors import bounded, error_body, log_error, openai_error_body, status_for
 from server.http.kserve import json_response
-from server.http.metrics import CountRequests, metrics_response
+from server.http.metrics import ObserveRequests, metrics_response
 from server.service.dataplane import DataPlane
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ class BodyTooLargeError(Exception):
     """The request body passed --http-max-body-bytes while it was being read."""
 
 
-def create_app(plane: DataPlane, max_body_bytes: int, version: str = "", metrics: bool = True) -> FastAPI:
+def create_app(
+    plane: DataPlane, max_body_bytes: int, version: str = "", metrics: bool = True, access_log: bool = False
+) -> FastAPI:
     """The HTTP application over a data plane.
 
     Args:
@@ -35,6 +37,7 @@ def create_app(plane: DataPlane, max_body_bytes: int, version: str = "", metrics
         max_body_bytes: The largest request body; larger ones get 413, unread.
         version: The server version shown in the OpenAPI document.
         metrics: Serve GET /metrics (Prometheus) here too, beside the metrics port.
+        access_log: Log a line per request (--log-requests).
     """
     app = FastAPI(
         title="ortserve",
@@ -52,7 +55,8 @@ def create_app(plane: DataPlane, max_body_bytes: int, version: str = "", metrics
     if metrics:
         app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)  # type: ignore[arg-type]
-    app.add_middleware(CountRequests, counter=plane.http_requests)  # type: ignore[arg-type]  # outermost: sees 413s
+    # Outermost: it sees every answer, 413s included, and tags every log line with the request id.
+    app.add_middleware(ObserveRequests, counter=plane.http_requests, access_log=access_log)  # type: ignore[arg-type]
     return app
 
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server.logs import adopt_request_id
 from server.core import datatypes
 from server.core.errors import InvalidInputError, UnsupportedError, quoted
 from server.core.types import InferRequest, InputTensor, ParamValue, TextResponse
@@ -142,6 +143,7 @@ async def model_infer(request: Request, name: str, version: str = "") -> Respons
     plane.check_accepting()
     body = await request.body()
     decoded = binary.decode_infer_request(body, request.headers.get(binary.HEADER_LENGTH), name, version)
+    adopt_request_id(decoded.request.id)
     response = await until_disconnect(request, plane.infer(decoded.request))
     content, header_length = binary.encode_infer_response(response, decoded.binary_default, decoded.binary_outputs)
     if header_length is None:
@@ -207,6 +209,7 @@ def _generate_request(request: Request, body: dict[str, Any], name: str, version
     request_id = body.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInputError("'id' must be a string")
+    adopt_request_id(request_id)
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInputError("'parameters' must be a JSON object")

@@ -9,6 +9,7 @@ dashboards query them by those exact names. The format itself (version 0.0.4) is
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from starlette.applications import Starlette
@@ -18,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.histogram import Histogram
+from server.logs import access, new_request_id, request_id
 from server.service.dataplane import DataPlane
 from server.service.metrics import Family, RequestCounter
 
@@ -83,28 +85,42 @@ def create_metrics_app(plane: DataPlane) -> Starlette:
     return Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
 
 
-class CountRequests:
-    """Counts every HTTP request once, by method, route template and status code.
+class ObserveRequests:
+    """Per HTTP request: its id, its count in the metrics, and (with --log-requests) an access-log line.
 
-    The route is the template the request matched (`/v2/models/{model_name}/infer`), never
-    the raw path, so series do not grow with model names or made-up paths; an unmatched
-    path counts as "unmatched". A request that ends without a response counts as 500.
+    The request id is the client's `X-Request-Id` header, or the `id` of a KServe body (the
+    route adopts it), or a new one; the answer carries it back in `X-Request-Id`.
+    Counted by method, route template and status code. The route is the template the request
+    matched (`/v2/models/{name}/infer`), never the raw path, so series do not grow with model
+    names or made-up paths; an unmatched path counts as "unmatched". A request that ends
+    without a response counts as 500.
     """
 
-    def __init__(self, app: ASGIApp, counter: RequestCounter) -> None:
+    def __init__(self, app: ASGIApp, counter: RequestCounter, access_log: bool = False) -> None:
         self.app = app
         self.counter = counter
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        given = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        request_id.set(new_request_id(given))
         status = 500
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", request_id.get().encode("latin-1", "replace")))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -114,3 +130,6 @@ class CountRequests:
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.counter.count(method, template, str(status))
+            if self.access_log:
+                model = str(scope.get("path_params", {}).get("name", "") or "")
+                access("HTTP", f"{method} {template}", model, str(status), started)

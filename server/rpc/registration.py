@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,6 +20,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from server.logs import access, new_request_id, request_id
 from server.rpc import status
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
@@ -54,19 +57,19 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
     return deserialize
 
 
-def add_inference_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
+def add_inference_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
     """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
-    add_service(SERVICE, pb, servicer, server, counter=counter)
+    add_service(SERVICE, pb, servicer, server, observer=observer)
 
 
-def add_generation_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
+def add_generation_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
     """Adds ortserve.v1.TextGeneration."""
-    add_service(GENERATION_SERVICE, gen_pb, servicer, server, counter=counter)
+    add_service(GENERATION_SERVICE, gen_pb, servicer, server, observer=observer)
 
 
-def add_health_service(servicer: object, server: grpc.aio.Server, counter: RequestCounter | None = None) -> None:
+def add_health_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
     """Adds grpc.health.v1.Health (Check and Watch) around the stock servicer."""
-    add_service(HEALTH_SERVICE, health_pb2, servicer, server, guarded=True, counter=counter)
+    add_service(HEALTH_SERVICE, health_pb2, servicer, server, guarded=True, observer=observer)
 
 
 def add_reflection_service(servicer: object, server: grpc.aio.Server) -> None:
@@ -92,14 +95,15 @@ def add_peer_metrics_service(local_metrics: Callable[[], bytes], server: grpc.ai
 
 def add_service(
     service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False,
-    counter: RequestCounter | None = None,
+    observer: CallObserver | None = None,
 ) -> None:
     """Registers `servicer`'s methods for every RPC of `service` (messages from `module`).
 
     Args:
         guarded: Wrap each method with status.guard (for methods that do not call
             status.check_parsed themselves: servicers we did not write, served by the generic handler only).
-        counter: Counts each call by method and final status code (the metrics' gRPC requests).
+        observer: Counts each call by method and final status code (the metrics' gRPC requests), sets its
+            request id for the log, and writes the access log.
     """
     handlers = {}
     for method in service.methods:
@@ -107,8 +111,8 @@ def add_service(
         behaviour = getattr(servicer, method.name)
         if guarded:
             behaviour = status.guard(behaviour, method.client_streaming, method.server_streaming)
-        if counter is not None:
-            behaviour = _counted(behaviour, f"/{service.full_name}/{method.name}", counter)
+        if observer is not None:
+            behaviour = _observed(behaviour, f"/{service.full_name}/{method.name}", observer)
         deserializer = _safe_deserializer(request_class)
         serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:
@@ -126,20 +130,52 @@ def add_service(
         server.add_registered_method_handlers(service.full_name, hot)
 
 
-def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+@dataclass(frozen=True)
+class CallObserver:
+    """What every call reports: its count by status (metrics), and an access-log line when asked."""
+
+    counter: RequestCounter
+    access_log: bool = False
+
+
+def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """Sets the call's request id: the request's `id`, else the `x-request-id` metadata, else a new one
+    (then sent back in the trailing metadata). Returns the model the call names, for the access log."""
+    given = getattr(request, "id", "") or ""
+    if not isinstance(given, str) or not given:
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id":
+                given = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        rid = new_request_id(given)
+        context.set_trailing_metadata((("x-request-id", rid),))
+    else:
+        rid = new_request_id(given)
+    request_id.set(rid)
+    model = getattr(request, "model_name", None)
+    if model is None:
+        model = getattr(request, "name", "")
+    return model if isinstance(model, str) else ""
+
+
+def _end(path: str, observer: CallObserver, context: grpc.aio.ServicerContext, outcome: str, model: str,
+         started: float) -> None:
     code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    return default if code is None else str(code)
+    name = str(code.name) if isinstance(code, grpc.StatusCode) else (outcome if code is None else str(code))
+    observer.counter.count(path, name)
+    if observer.access_log:
+        access("gRPC", path, model, name, started)
 
 
-def _counted(behaviour: Callable[..., Any], path: str, counter: RequestCounter) -> Callable[..., Any]:
-    """`behaviour` counting each call once, by its final status: the code it set or aborted with,
-    OK when it set none, CANCELLED when the call was cancelled, UNKNOWN for an escaped exception."""
+def _observed(behaviour: Callable[..., Any], path: str, observer: CallObserver) -> Callable[..., Any]:
+    """`behaviour` observed (CallObserver) once per call, by its final status: the code it set or aborted
+    with, OK when it set none, CANCELLED when the call was cancelled, UNKNOWN for an escaped exception."""
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            outcome = "UNKNOWN"
+            started, outcome = time.perf_counter(), "UNKNOWN"
+            model = _begin(request, context)
             try:
                 async for item in behaviour(request, context):
                     yield item
@@ -147,16 +183,14 @@ def _counted(behaviour: Callable[..., Any], path: str, counter: RequestCounter) 
             except asyncio.CancelledError:
                 outcome = "CANCELLED"
                 raise
-            except grpc.aio.AbortError:
-                outcome = ""
-                raise
             finally:
-                counter.count(path, _code_name(context, outcome or "UNKNOWN"))
+                _end(path, observer, context, outcome, model, started)
 
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        outcome = "UNKNOWN"
+        started, outcome = time.perf_counter(), "UNKNOWN"
+        model = _begin(request, context)
         try:
             result = await behaviour(request, context)
             outcome = "OK"
@@ -164,10 +198,7 @@ def _counted(behaviour: Callable[..., Any], path: str, counter: RequestCounter) 
         except asyncio.CancelledError:
             outcome = "CANCELLED"
             raise
-        except grpc.aio.AbortError:
-            outcome = ""
-            raise
         finally:
-            counter.count(path, _code_name(context, outcome or "UNKNOWN"))
+            _end(path, observer, context, outcome, model, started)
 
     return call
