@@ -108,6 +108,18 @@ def write_models(peer_dir: Path, models: dict[str, bytes | None]) -> None:
     os.replace(tmp, peer_dir / MODELS_FILE)
 
 
+def metrics_file(peer_dir: Path, index: int) -> Path:
+    """Where worker `index` keeps its cumulative metric families, for the worker that replaces it."""
+    return peer_dir / f"worker-{index}.metrics.json"
+
+
+def write_json_atomically(path: Path, data: bytes) -> None:
+    """Replaces a file so that a reader sees the old or the new content, never half of one."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Binds (without listening) so a port-0 request becomes a concrete port the workers share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
+from server import workers as workers_module
 from server.core.errors import InvalidInputError, PermissionDeniedError, ServerUnavailableError, quoted
 from server.core.generation import TokenChunk
 from server.core.model import Model
@@ -21,7 +24,16 @@ from server.core.types import FINAL_PARAMETER, InferRequest, InferResponse, Text
 from server.repository.registry import IndexEntry, ModelRegistry
 from server.schema import model_config_pb2 as mc
 from server.service.control import ModelControl, Peers
-from server.service.metrics import Family, grpc_counter, http_counter, merge, model_families
+from server.service.metrics import (
+    Family,
+    carried_over,
+    families_from_json,
+    families_to_json,
+    grpc_counter,
+    http_counter,
+    merge,
+    model_families,
+)
 from server.service.statistics import VersionStatistics, merge_statistics
 from server.service.system_metrics import SystemGauges
 
@@ -100,10 +112,17 @@ class DataPlane:
         self.http_requests = http_counter()
         self.grpc_requests = grpc_counter()
         self._system = SystemGauges()
+        self._inherited: list[Family] = []  # a dead predecessor's counters (attach_workers)
 
     def attach_workers(self, workers: WorkerPeers) -> None:
         """Makes statistics add up the siblings' and loads/unloads apply to every worker."""
         self._workers = workers
+        try:
+            self._inherited = families_from_json(
+                orjson.loads(workers_module.metrics_file(workers.peer_dir, workers.worker_index).read_bytes())
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            self._inherited = []  # the first of this slot, or an unreadable record: start from zero
         self._control = ModelControl(
             self.registry, workers.peers, list(workers.addresses), workers.peer_dir, workers.worker_index
         )
@@ -260,9 +279,20 @@ class DataPlane:
     # Metrics.
 
     def local_metrics(self) -> list[Family]:
-        """This worker's own metric families (no server-wide gauges): its models and its front ends' counts."""
-        families = model_families(self.registry.models())
+        """This worker's own metric families (no server-wide gauges): its models and its front ends' counts.
+
+        A worker that replaced one that died adds its predecessor's last counters, so the
+        server's sums never go down when a worker restarts (Prometheus would read a drop as a
+        counter reset); each call records the result for a successor in turn.
+        """
+        models = self.registry.models()
+        families = model_families(models)
         families += [self.http_requests.family(), self.grpc_requests.family()]
+        if self._workers is not None:
+            served = {(m.name, str(m.version)) for m in models}
+            merge(families, carried_over(self._inherited, served))
+            path = workers_module.metrics_file(self._workers.peer_dir, self._workers.worker_index)
+            workers_module.write_json_atomically(path, orjson.dumps(families_to_json(families)))
         return families
 
     async def metrics(self) -> list[Family]:

@@ -228,6 +228,27 @@ def merge(target: list[Family], others: Iterable[Family]) -> None:
             mine.add(labels, value)
 
 
+def carried_over(baseline: Sequence[Family], served: set[tuple[str, str]]) -> list[Family]:
+    """What a restarted worker adds to its own counters: its predecessor's last counters and histograms.
+
+    Kept: samples of model versions still served (a model unloaded since starts again from
+    zero when it comes back, as Triton's do), and those of no model (front-end counts).
+    Gauges are never carried: they describe the moment, and the predecessor's are gone.
+    """
+    kept = []
+    for family in baseline:
+        if family.kind == "gauge":
+            continue
+        model_at = next((i for i, n in enumerate(family.labels) if n in ("model", "model_name")), None)
+        version_at = family.labels.index("version") if "version" in family.labels else None
+        copy = Family(family.name, family.kind, family.help, family.labels, family.merge)
+        for labels, value in family.samples.items():
+            if model_at is None or version_at is None or (labels[model_at], labels[version_at]) in served:
+                copy.add(labels, value)
+        kept.append(copy)
+    return kept
+
+
 def families_to_json(families: Sequence[Family]) -> list[dict[str, Any]]:
     """Families as JSON-ready values (for a sibling worker's scrape)."""
     out = []
