@@ -35,7 +35,7 @@ COPY --from=build --chown=ortserve:ortserve /app /app
 WORKDIR /app
 USER ortserve
 
-EXPOSE 8001 8000
+EXPOSE 8001 8000 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD [".venv/bin/python", "-m", "server.healthcheck", "--address", "127.0.0.1:8001"]
 CMD [".venv/bin/ortserve", "serve", "--model-repository", "model_repository", "--port", "8001", "--http-port", "8000"]
