@@ -1,10 +1,18 @@
-"""Server settings: command-line flags, with SERVER_* environment variables as defaults."""
+"""Server settings: the one list of what `ortserve serve` can be told.
+
+The command line (`add_arguments`), the SERVER_* environment variables (pydantic-settings)
+and the command line of each worker process (`worker_arguments`) are all derived from the
+fields below, their types and their docstrings; a new setting is one field here.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Everything `ortserve serve` can be told."""
 
-    model_config = SettingsConfigDict(env_prefix="SERVER_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SERVER_", frozen=True, use_attribute_docstrings=True)
 
     model_repository: Path = Path("model_repository")
     """Directory holding one folder per model."""
@@ -66,7 +74,7 @@ class Settings(BaseSettings):
     worker_index: int | None = None
     """Set by the supervisor in a worker process; not a user setting."""
     peer_dir: Path | None = None
-    """Set by the supervisor: where workers publish their private sockets."""
+    """Set by the supervisor: where workers publish their private sockets; not a user setting."""
 
     def http_port_file(self) -> Path | None:
         """Where the bound HTTP port is written: the port file's path with `.http` appended.
@@ -94,3 +102,80 @@ class Settings(BaseSettings):
         if self.max_send_message_bytes > (1 << 31) - 1 or self.max_receive_message_bytes > (1 << 31) - 1:
             raise ValueError("message size limits must be below 2 GiB (gRPC's limit)")
         return self
+
+
+# Set by the supervisor for its workers, hidden from --help.
+_INTERNAL = ("worker_index", "peer_dir")
+# Flags whose value the supervisor decides for each worker (ports it reserved, its own files).
+_PER_WORKER = ("port", "http_port", "metrics_port", "port_file", "worker_index", "peer_dir")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int` for `int | None`; the annotation itself otherwise."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else annotation
+    return annotation
+
+
+def _true_false(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value == "true"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (`--http-port` for http_port), typed and described from the field.
+
+    Flags left out keep their default (or their SERVER_* environment variable): parsed
+    values are None unless given, so only what was typed overrides.
+    """
+    for name, field in Settings.model_fields.items():
+        base = _base_type(field.annotation)
+        help_text = argparse.SUPPRESS if name in _INTERNAL else " ".join((field.description or "").split())
+        default = field.get_default(call_default_factory=True)
+        if help_text is not argparse.SUPPRESS and default not in (None, [], ""):
+            shown = str(default).lower() if isinstance(default, bool) else default
+            help_text += f" (default: {shown})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"help": help_text, "default": None}
+        if base is bool:
+            kwargs.update(type=_true_false, choices=[True, False], metavar="{true,false}")
+        elif typing.get_origin(base) is Literal:
+            kwargs.update(choices=list(typing.get_args(base)))
+        elif typing.get_origin(base) is list:
+            kwargs.update(action="append", metavar="VALUE")
+        else:
+            kwargs.update(type=base)
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def given_arguments(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The settings a parsed command line gave (flags left out are not in it)."""
+    return {name: value for name, value in vars(namespace).items() if name in Settings.model_fields and value is not None}
+
+
+def worker_arguments(settings: Settings, **per_worker: Any) -> list[str]:
+    """The `serve` flags that give a worker process the same settings, plus its own (`per_worker`).
+
+    Every setting is passed explicitly (resolved values, not the environment), so a worker
+    behaves the same whatever its environment holds.
+    """
+    values = {n: getattr(settings, n) for n in Settings.model_fields if n not in _PER_WORKER}
+    values["http_max_body_bytes"] = settings.resolved_http_max_body_bytes()
+    values.update(per_worker)
+    args: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args += [_flag(name), "true" if value else "false"]
+        elif isinstance(value, list):
+            for item in value:
+                args += [_flag(name), str(item)]
+        else:
+            args += [_flag(name), str(value)]
+    return args

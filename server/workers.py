@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.settings import Settings
+from server.settings import Settings, worker_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -133,27 +133,10 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 def _worker_command(
     settings: Settings, port: int, index: int, peer_dir: Path, http_port: int = 0, metrics_port: int = 0
 ) -> list[str]:
-    args = [
-        sys.executable, "-m", "server", "serve",
-        "--model-repository", str(settings.model_repository),
-        "--host", settings.host, "--port", str(port), "--device", settings.device,
-        "--max-receive-message-bytes", str(settings.max_receive_message_bytes),
-        "--default-max-batch-size", str(settings.default_max_batch_size),
-        "--strict-readiness", "true" if settings.strict_readiness else "false",
-        "--shutdown-grace-s", str(settings.shutdown_grace_s),
-        "--log-level", settings.log_level, "--log-format", settings.log_format,
-        "--log-requests", "true" if settings.log_requests else "false", "--event-loop", settings.event_loop,
-        "--workers", str(settings.workers), "--worker-index", str(index), "--peer-dir", str(peer_dir),
-        "--model-control-mode", settings.model_control_mode,
-        "--repository-poll-secs", str(settings.repository_poll_secs),
-        "--allow-http", "true" if settings.allow_http else "false",
-        "--http-port", str(http_port), "--http-max-body-bytes", str(settings.resolved_http_max_body_bytes()),
-        "--max-send-message-bytes", str(settings.max_send_message_bytes),
-        "--allow-metrics", "true" if settings.allow_metrics else "false", "--metrics-port", str(metrics_port),
-    ]
-    for name in settings.load_model:
-        args += ["--load-model", name]
-    return args
+    flags = worker_arguments(
+        settings, port=port, http_port=http_port, metrics_port=metrics_port, worker_index=index, peer_dir=peer_dir
+    )
+    return [sys.executable, "-m", "server", "serve", *flags]
 
 
 def describe_exit(code: int) -> str:
