@@ -103,6 +103,8 @@ def generate(out_root: Path) -> list[Path]:
             f"--grpc_python_out={tmp}",
             f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
             f"--mypy_out={tmp}",
+            f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_grpc_out={tmp}",
             *[str(p) for p in protos],
         ]
         if protoc.main(args) != 0:
@@ -115,7 +117,7 @@ def generate(out_root: Path) -> list[Path]:
         for src in sorted(Path(tmp).iterdir()):
             stem = src.name.split("_pb2")[0]
             in_schema = stem in SCHEMA_PROTOS
-            if in_schema and src.name.endswith("_grpc.py"):
+            if in_schema and src.name.endswith(("_grpc.py", "_grpc.pyi")):
                 continue  # a file without services: its _grpc module is empty and would import grpc
             here = "server.schema" if in_schema else "server.rpc.pb"
             text = _private_pool(_package_imports(src.read_text(), names, here), here)

@@ -54,9 +54,9 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     if metrics:
         app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     # Outermost: it sees every answer, 413s included, and tags every log line with the request id.
-    app.add_middleware(ObserveRequests, counter=plane.http_requests, access_log=access_log)  # type: ignore[arg-type]
+    app.add_middleware(ObserveRequests, counter=plane.http_requests, access_log=access_log)
     return app
 
 

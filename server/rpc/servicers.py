@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,16 @@ from server.service.dataplane import DataPlane
 logger = logging.getLogger(__name__)
 
 
+def _unsupported(feature: str) -> Any:
+    """A handler for an extension this server does not offer: UNIMPLEMENTED, with what is missing."""
+
+    @status.unary
+    async def handler(self: Any, request: object, context: grpc.aio.ServicerContext) -> object:
+        raise UnsupportedError(f"{feature} is not supported by this server")
+
+    return handler
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol with Triton's extensions, over the data plane.
 
@@ -28,6 +38,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
+
+    # Triton's extensions that ortserve does not offer.
+    SystemSharedMemoryStatus = _unsupported("system shared memory")
+    SystemSharedMemoryRegister = _unsupported("system shared memory")
+    SystemSharedMemoryUnregister = _unsupported("system shared memory")
+    CudaSharedMemoryStatus = _unsupported("CUDA shared memory")
+    CudaSharedMemoryRegister = _unsupported("CUDA shared memory")
+    CudaSharedMemoryUnregister = _unsupported("CUDA shared memory")
+    TraceSetting = _unsupported("tracing")
+    LogSettings = _unsupported("changing log settings at run time")
 
     @status.unary
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -159,24 +179,3 @@ def _from_peer(context: grpc.aio.ServicerContext) -> bool:
     if not (context.peer() or "").startswith("unix:"):
         return False
     return any(key == PEER_HEADER for key, _ in context.invocation_metadata() or ())
-
-
-def _unsupported(feature: str) -> Callable[..., object]:
-    @status.unary
-    async def handler(self: InferenceServicer, request: object, context: grpc.aio.ServicerContext) -> object:
-        raise UnsupportedError(f"{feature} is not supported by this server")
-
-    return handler
-
-
-for _rpc, _feature in [
-    ("SystemSharedMemoryStatus", "system shared memory"),
-    ("SystemSharedMemoryRegister", "system shared memory"),
-    ("SystemSharedMemoryUnregister", "system shared memory"),
-    ("CudaSharedMemoryStatus", "CUDA shared memory"),
-    ("CudaSharedMemoryRegister", "CUDA shared memory"),
-    ("CudaSharedMemoryUnregister", "CUDA shared memory"),
-    ("TraceSetting", "tracing"),
-    ("LogSettings", "changing log settings at run time"),
-]:
-    setattr(InferenceServicer, _rpc, _unsupported(_feature))

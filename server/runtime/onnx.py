@@ -147,7 +147,7 @@ class OnnxRuntimeSession(Runtime):
         if self._string_inputs:
             feed = {name: (_bytes_to_str(name, arr) if name in self._string_inputs else arr) for name, arr in inputs.items()}
         large = self._shrink_above and sum(a.nbytes for a in feed.values()) > self._shrink_above
-        results = self._session.run(list(output_names), feed, self._shrink if large else None)
+        results: list[np.ndarray] = self._session.run(list(output_names), feed, self._shrink if large else None)
         if self._string_outputs:
             results = [_str_to_bytes(r) if r.dtype == object else r for r in results]
         return results

@@ -94,7 +94,7 @@ class SystemGauges:
         if not self._nvml_tried:
             self._nvml_tried = True
             try:
-                import pynvml  # type: ignore[import-not-found]
+                import pynvml
 
                 pynvml.nvmlInit()
                 self._nvml = pynvml
