@@ -97,3 +97,27 @@ def test_the_checker_sees_relative_and_lazy_imports(tmp_path: Path) -> None:
 def test_logging_module_imports_nothing_of_the_server() -> None:
     """server/logs.py is imported by both front ends; it must stay a leaf."""
     assert [m for m in imports(SERVER / "logs.py") if m.startswith("server")] == []
+
+
+def layer_diagram() -> str:
+    """The layers and the imports allowed between them, as a Mermaid graph (docs/architecture.md shows it)."""
+    lines = ["```mermaid", "graph TD"]
+    for layer, allowed in ALLOWED.items():
+        for target in sorted({t.split(".")[0] for t in allowed}):
+            lines.append(f"    {layer} --> {target}")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def test_architecture_document_shows_the_layers_this_test_enforces() -> None:
+    document = (ROOT / "docs" / "architecture.md").read_text()
+    assert layer_diagram() in document, "regenerate the diagram: python -c 'from tests.test_layers import *; print(layer_diagram())'"
+
+
+def test_every_file_of_the_documented_request_route_exists() -> None:
+    document = (ROOT / "docs" / "architecture.md").read_text()
+    rows = [line.split("|") for line in document.splitlines() if line.startswith("| ")]
+    route = [row[2].strip().strip("`") for row in rows if row[1].strip().isdigit()]
+    assert 0 < len(route) <= 6, "the route of a request runs through at most six files"
+    for path in route:
+        assert (ROOT / path).is_file(), path
