@@ -289,8 +289,6 @@ def test_generate_body_id_is_the_request_id(json_server: ServerProcess, http: ht
     assert access["method"] == "POST /v2/models/{name}/generate" and access["model"] == "bytes_decoder"
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: the body's id is adopted only after the body decodes; a "
-                   "body refused while decoding is logged and answered under a generated id")
 def test_kserve_body_id_survives_a_body_that_does_not_decode(
     json_server: ServerProcess, http: httpx.Client
 ) -> None:
@@ -346,8 +344,6 @@ def test_grpc_metadata_id_is_the_request_id(json_server: ServerProcess, channel:
     assert access_line(json_server, rid)["status"] == "OK"
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: _begin looks for `model_name` or `name`; GenerateRequest "
-                   "names its model `model`, so Generate's access lines have model ''")
 def test_grpc_generate_access_line_names_the_model(json_server: ServerProcess, channel: grpc.Channel) -> None:
     rid = unique("generate-model")
     stub = gen_pb_grpc.TextGenerationStub(channel)
@@ -622,8 +618,6 @@ def test_every_line_is_a_json_object(json_server: ServerProcess, http: httpx.Cli
     assert all("request_id" not in e for e in found if e["logger"] == "server.app")
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: uvicorn's own log handler (server/http/server.py keeps "
-                   "uvicorn.Config's default log_config) writes its lines in its own format, not JSON")
 def test_uvicorn_lines_are_json_too(json_server: ServerProcess) -> None:
     status, _ = raw_http(json_server, b"refused\x01")
     assert status == 400

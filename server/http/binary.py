@@ -21,6 +21,7 @@ import orjson
 from server.core import bytes_codec, datatypes
 from server.core.errors import InvalidInputError, quoted
 from server.core.types import InferRequest, InferResponse, InputTensor, ParamValue, RequestedOutput
+from server.logs import adopt_request_id
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # The most dimensions of a tensor's shape (as on gRPC), which also bounds the nesting of `data`.
@@ -91,6 +92,7 @@ def decode_infer_request(body: bytes, header_value: str | None, model_name: str,
     request_id = document.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInputError("request 'id' must be a string")
+    adopt_request_id(request_id)  # before the tensors: a request refused for them is logged under its id
     parameters = parameters_from_json(document.get("parameters"), "parameters")
     binary_default = parameters.pop("binary_data_output", False)
     if not isinstance(binary_default, bool):

@@ -15,13 +15,13 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.logs import adopt_request_id
 from server.core import datatypes
 from server.core.errors import InvalidInputError, UnsupportedError, quoted
 from server.core.types import InferRequest, InputTensor, ParamValue, TextResponse
 from server.http import binary, data_plane, until_disconnect
 from server.http.errors import error_body, log_error, status_for
 from server.http.sse import EventStream, prefetch
+from server.logs import adopt_request_id
 from server.repository.config import config_from_json, config_to_dict
 from server.schema import model_config_pb2 as mc
 from server.service.dataplane import ModelMetadata
@@ -143,7 +143,6 @@ async def model_infer(request: Request, name: str, version: str = "") -> Respons
     plane.check_accepting()
     body = await request.body()
     decoded = binary.decode_infer_request(body, request.headers.get(binary.HEADER_LENGTH), name, version)
-    adopt_request_id(decoded.request.id)
     response = await until_disconnect(request, plane.infer(decoded.request))
     content, header_length = binary.encode_infer_response(response, decoded.binary_default, decoded.binary_outputs)
     if header_length is None:
@@ -205,11 +204,11 @@ def _generate_request(request: Request, body: dict[str, Any], name: str, version
 
     A number takes the datatype of the model's input of that name (INT32 for max_tokens).
     """
-    declared = {t.name: t.datatype for t in data_plane(request).model_metadata(name, version).inputs}
     request_id = body.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInputError("'id' must be a string")
-    adopt_request_id(request_id)
+    adopt_request_id(request_id)  # first: a request refused below is logged under its id
+    declared = {t.name: t.datatype for t in data_plane(request).model_metadata(name, version).inputs}
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInputError("'parameters' must be a JSON object")

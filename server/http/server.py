@@ -68,6 +68,7 @@ class HttpServer:
             lifespan="off",
             log_level=log_level,
             access_log=False,
+            log_config=None,  # uvicorn's loggers go through the server's handler (text or JSON, request ids)
             server_header=False,
         )
         self._server = _Server(config)

@@ -153,10 +153,12 @@ def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
     else:
         rid = new_request_id(given)
     request_id.set(rid)
-    model = getattr(request, "model_name", None)
-    if model is None:
-        model = getattr(request, "name", "")
-    return model if isinstance(model, str) else ""
+    # ModelInferRequest.model_name, the metadata/config/statistics requests' name, GenerateRequest.model.
+    for field in ("model_name", "name", "model"):
+        model = getattr(request, field, None)
+        if isinstance(model, str):
+            return model
+    return ""
 
 
 def _end(path: str, observer: CallObserver, context: grpc.aio.ServicerContext, outcome: str, model: str,
