@@ -431,7 +431,10 @@ def test_canceled_counts_requests_the_client_cancelled_queued_and_running(
     gate: Gate = repository.gates["gated_batched"]
     url = server.metrics_url
     before = failures(scrape(url), "gated_batched")
-    moved = lambda: delta(failures(scrape(url), "gated_batched"), before)  # noqa: E731
+
+    def moved() -> dict[str, float]:
+        return delta(failures(scrape(url), "gated_batched"), before)
+
     with gate.held():
         running, run = occupy(stub, gate)
         queued = stub.ModelInfer.future(gated_request(5), timeout=WAIT_S)
@@ -643,7 +646,10 @@ def test_http_and_grpc_requests_are_counted_by_route_template_and_status(server:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     stub.ServerLive(pb.ServerLiveRequest(), timeout=WAIT_S)
     after = scrape(server.metrics_url)
-    moved = lambda f, *key: f(after, *key) - f(before, *key)  # noqa: E731
+
+    def moved(count: Callable[..., float], *key: str) -> float:
+        return count(after, *key) - count(before, *key)
+
     assert moved(http_count, "POST", INFER_ROUTE, "404") == 2
     assert moved(http_count, "GET", "unmatched", "404") == 1
     assert moved(http_count, "GET", "/v2/health/live", "200") == 1

@@ -94,7 +94,7 @@ def worker(success: float, pending: float, load: float, cache: float, observed: 
     gauges = [Family("pending", "gauge", "h", ("model",), merge="sum"),
               Family("load", "gauge", "h", ("model",), merge="max"),
               Family("cache", "gauge", "h", ("model",), merge="mean")]
-    for family, value in zip(gauges, (pending, load, cache)):
+    for family, value in zip(gauges, (pending, load, cache), strict=True):
         family.add(("m",), float(value))
     histogram = Histogram((1.0, 10.0))
     for value in observed:
