@@ -12,7 +12,8 @@ import numpy as np
 
 from server.core.batcher import Scheduler, SchedulerConfig
 from server.core.errors import InvalidInputError, ModelRunError, quoted
-from server.core.generation import GenerationScheduler, TokenChunk, request_args
+from server.core.generation import GenerationScheduler, TokenChunk
+from server.core.generation_args import request_args
 from server.core.sampling import SamplingParams
 from server.core.statistics import ModelStats, failure_reason
 from server.core.types import (

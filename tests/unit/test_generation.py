@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from exporters.models import decoder as dec
+from server.core.decode_batch import plan_prefill
 from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError, ServerError
-from server.core.generation import GenerationScheduler, Stream, TokenChunk, plan_prefill
+from server.core.generation import GenerationScheduler, Stream, TokenChunk
 from server.core.sampling import SamplingParams, StopMatcher, sample_batch, sample_next
 from server.runtime.base import Runtime
 from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
@@ -71,19 +72,58 @@ async def test_max_tokens_gives_length_and_exact_counts(scheduler) -> None:
 async def test_seed_gives_the_same_tokens_whatever_shares_the_batch(scheduler) -> None:
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234, max_tokens=20, ignore_eos=True)
     alone = output_ids(await collect(scheduler, b"import ", params))
-    others = [collect(scheduler, p, SamplingParams(seed=i, max_tokens=30, ignore_eos=True)) for i, p in enumerate([b"a", b"class B:", b"    return "])]
+    others = [
+        collect(scheduler, p, SamplingParams(seed=i, max_tokens=30, ignore_eos=True))
+        for i, p in enumerate([b"a", b"class B:", b"    return "])
+    ]
     mixed, *_ = await asyncio.gather(collect(scheduler, b"import ", params), *others)
     assert output_ids(mixed) == alone
 
 
 async def test_admission_while_others_decode(scheduler) -> None:
     alone = output_ids(await collect(scheduler, b"for i in ", GREEDY))
-    first = asyncio.create_task(collect(scheduler, b"while True:", SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)))
-    await wait_until(lambda: scheduler.steps >= 5, "five steps of the first stream")
+    received: list[int] = []
+
+    async def first_stream() -> None:
+        long = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+        async for chunk in scheduler.generate(b"while True:", long):
+            received.extend(chunk.token_ids)
+
+    first = asyncio.create_task(first_stream())
+    # Six tokens out: the prefill's and five decode steps'.
+    await wait_until(lambda: len(received) >= 6, "five decode steps of the first stream")
     joined = await collect(scheduler, b"for i in ", GREEDY)
     assert not first.done()  # it was decoding when the second one joined
     await first
+    assert len(received) == 60
     assert output_ids(joined) == alone
+
+
+# The tokens the scheduler wrote for these streams before the decode batch had its own module
+# (recorded once; batch-invariant, so the same alone or together): same seeds, same tokens.
+RECORDED_PROMPTS = [b"def ", b"import numpy as np\n", b"x", b"class Node:\n    def ", b"for i in range(10):\n"]
+RECORDED_TOKENS = [
+    [105, 110, 116, 104, 101, 32, 99, 104],
+    [32] * 13,
+    [95, 102, 105, 115, 40, 41, 10] + [32] * 11,
+    [97, 115, 115, 116, 97, 109, 111, 114, 40, 111, 110, 111, 99, 101, 116, 101, 44, 32, 111, 100, 101, 110, 97],
+    [32] * 28,
+]
+
+
+async def test_seeded_streams_write_the_recorded_tokens() -> None:
+    scheduler = example_scheduler()
+    params = [
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=11 + i, max_tokens=8 + 5 * i, ignore_eos=True,
+                       repetition_penalty=1.0 + 0.1 * (i % 2))
+        for i in range(len(RECORDED_PROMPTS))
+    ]
+    # Together: different prompt lengths merged, rows leaving at different steps (max_tokens differ).
+    together = await asyncio.gather(*(collect(scheduler, p, q) for p, q in zip(RECORDED_PROMPTS, params, strict=True)))
+    assert [output_ids(c) for c in together] == RECORDED_TOKENS
+    alone = [output_ids(await collect(scheduler, p, q)) for p, q in zip(RECORDED_PROMPTS[:2], params[:2], strict=True)]
+    assert alone == RECORDED_TOKENS[:2]
+    scheduler.close()
 
 
 def example_scheduler() -> GenerationScheduler:
@@ -99,7 +139,8 @@ async def test_stop_string_split_across_tokens() -> None:
     plain = "".join(c.text for c in await collect(scheduler, b"def ", GREEDY))
     stop = plain[6:9]
     assert len(stop.encode()) == 3
-    chunks = await collect(scheduler, b"def ", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=(stop,)))
+    stopped = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=(stop,))
+    chunks = await collect(scheduler, b"def ", stopped)
     assert chunks[-1].finish_reason == "stop"
     assert "".join(c.text for c in chunks) == plain[: plain.find(stop)]
 
@@ -167,6 +208,7 @@ class GatedRuntime(Runtime):
         self.permits = threading.Semaphore(0)
         self.batch_sizes: list[int] = []
         self.entered = 0  # runs that reached the gate, including one waiting for its permit
+        self.on_run: Any = None  # called on the model thread as each run passes the gate
 
     @property
     def inputs(self):  # type: ignore[override]
@@ -184,15 +226,22 @@ class GatedRuntime(Runtime):
         self.entered += 1
         self.permits.acquire()
         self.batch_sizes.append(len(inputs["input_ids"]))
+        if self.on_run is not None:
+            self.on_run()
         return self.inner.run(inputs, output_names)
 
 
 async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(model_dir: Path) -> None:
     session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
     gated = GatedRuntime(session)
-    scheduler = GenerationScheduler(gated, json.loads((model_dir / "generation.json").read_text()), max_num_seqs=64, stream_interval=1)
+    info = json.loads((model_dir / "generation.json").read_text())
+    scheduler = GenerationScheduler(gated, info, max_num_seqs=64, stream_interval=1)
     params = SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True)
     received: list[list[int]] = [[] for _ in range(64)]
+    # The streams in the batch during each run, by the scheduler's own account (no prefill
+    # runs after the cancels: all 64 are admitted by then, so these are decode steps).
+    rows_per_run: list[list[Stream]] = []
+    gated.on_run = lambda: rows_per_run.append(scheduler.running())
 
     async def consume(i: int) -> list[TokenChunk]:
         chunks = []
@@ -220,9 +269,9 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
     while min(len(r) for r in received) < 10:
         runs = len(gated.batch_sizes)
         gated.permits.release()
-        await until(lambda: len(gated.batch_sizes) > runs and waiting())
+        await until(lambda runs=runs: len(gated.batch_sizes) > runs and waiting())
     # The model thread is now waiting for a permit: the batch holds all 64 streams.
-    streams = list(scheduler._active)
+    streams = scheduler.running()
     assert len(streams) == 64
     runs_before_cancel = len(gated.batch_sizes)
     for task in tasks[::2]:
@@ -237,12 +286,14 @@ async def test_cancelling_half_of_64_streams_frees_their_rows_within_one_step(mo
         assert len(output_ids(chunks)) == 40
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
     # The step in flight when they left is the last one that carried their rows.
-    assert all(s.steps_after_cancel <= 1 for s in cancelled)
+    assert len(rows_per_run) == len(gated.batch_sizes)
+    steps_after_cancel = [sum(s in rows for rows in rows_per_run[runs_before_cancel:]) for s in cancelled]
+    assert all(n <= 1 for n in steps_after_cancel), steps_after_cancel
     # Then every step carries the 32 survivors at most: fewer at the very end when the first
     # prefill took only some streams (they started a step earlier, so they finish earlier).
     after = gated.batch_sizes[runs_before_cancel + 1 :]
     assert after[0] == 32 and all(size <= 32 for size in after), f"{runs_before_cancel} {gated.batch_sizes}"
-    await wait_until(lambda: scheduler.active == 0, "finished streams to leave the batch")
+    await wait_until(lambda: scheduler.load()[0] == 0, "finished streams to leave the batch")
     # Rows moved into the places of cancelled ones kept their own caches: each survivor wrote
     # what it writes alone.
     gated.permits.release(100_000)
@@ -257,7 +308,10 @@ def test_batch_sampling_equals_row_by_row_sampling() -> None:
     logits = rng.standard_normal((24, 40)) * 3
     settings = [
         SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=r)
-        for t, k, p, r in zip([0.0, 0.7, 1.0, 1.5] * 6, [0, 5, 1, 50, 0, 3] * 4, [1.0, 0.9, 0.5, 1e-6] * 6, [1.0, 1.3, 1.0] * 8)
+        for t, k, p, r in zip(
+            [0.0, 0.7, 1.0, 1.5] * 6, [0, 5, 1, 50, 0, 3] * 4, [1.0, 0.9, 0.5, 1e-6] * 6, [1.0, 1.3, 1.0] * 8,
+            strict=True,
+        )
     ]
     seen = [list(rng.integers(0, 40, 6)) for _ in settings]
     allowed = [40, 39] * 12
@@ -470,7 +524,7 @@ async def test_max_tokens_beyond_the_context_is_refused(scheduler) -> None:
 
 
 def _args(sampling: Any = None, parameters: dict | None = None, **tensors: Any):  # type: ignore[no-untyped-def]
-    from server.core.generation import generation_args
+    from server.core.generation_args import generation_args
 
     inputs = {"text_input": np.array([b"hi"], dtype=object)}
     if sampling is not None:
@@ -481,7 +535,10 @@ def _args(sampling: Any = None, parameters: dict | None = None, **tensors: Any):
 
 
 def test_generation_args_reads_every_source_and_refuses_conflicts() -> None:
-    args = _args({"temperature": 0.5, "stop": "x", "top_k": 40.0, "stream": False}, {"seed": 9, "min_tokens": 2}, max_tokens=np.int32(7))
+    args = _args(
+        {"temperature": 0.5, "stop": "x", "top_k": 40.0, "stream": False}, {"seed": 9, "min_tokens": 2},
+        max_tokens=np.int32(7),
+    )
     assert (args.params.temperature, args.params.stop, args.params.top_k, args.params.seed) == (0.5, ("x",), 40, 9)
     assert (args.params.max_tokens, args.params.min_tokens, args.stream) == (7, 2, False)
     assert _args(parameters={"triton_enable_empty_final_response": True, "priority": 0}).empty_final
