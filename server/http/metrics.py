@@ -30,6 +30,7 @@ _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"
 
 
 def _number(value: float) -> str:
+    value = float(value)  # an int from a caller formats the same (int has no is_integer before 3.12)
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
