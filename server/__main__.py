@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import shutil
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortserve", description="Serve ONNX models over the Open Inference Protocol.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model repository over gRPC and HTTP")
+    serve.add_argument(
+        "model", nargs="?", type=Path, metavar="PATH",
+        help="a model repository, or one model (an .onnx file or a model folder) to serve alone; "
+        "the same as --model-repository",
+    )
     add_arguments(serve)  # one flag per Settings field
     return parser
 
@@ -24,8 +32,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ortserve` console script."""
     args = _parser().parse_args(argv)
+    given = given_arguments(args)
+    if args.model is not None:
+        if "model_repository" in given:
+            sys.exit("ortserve: give the model path or --model-repository, not both")
+        given["model_repository"] = args.model
     try:
-        settings = Settings(**given_arguments(args))
+        settings = Settings(**given)
     except ValidationError as exc:
         sys.exit(f"ortserve: invalid settings:\n{exc}")
     from server.logs import configure
@@ -34,6 +47,31 @@ def main(argv: list[str] | None = None) -> None:
     from server.memory import tune_allocator
 
     tune_allocator()
+    single = None
+    if settings.worker_index is None:
+        from server.repository.single import build_repository, is_single_model, model_name_for
+
+        if is_single_model(settings.model_repository):
+            try:
+                name = model_name_for(settings.model_repository, settings.model_name)
+            except ValueError as exc:
+                sys.exit(f"ortserve: {exc}")
+            single = build_repository(settings.model_repository, name)
+            logging.getLogger("server").info(
+                "serving %s alone as model '%s' (from the temporary repository %s)", settings.model_repository, name,
+                single,
+            )
+            settings = settings.model_copy(update={"model_repository": single})
+        elif settings.model_name is not None:
+            sys.exit("ortserve: --model-name names a model served alone; the path is a repository")
+    try:
+        _serve(settings)
+    finally:
+        if single is not None:
+            shutil.rmtree(single, ignore_errors=True)
+
+
+def _serve(settings: Settings) -> None:
     if settings.worker_index is None and settings.resolved_workers() > 1:
         settings = settings.model_copy(update={"workers": settings.resolved_workers()})
         from server.workers import supervise

@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVER_", frozen=True, use_attribute_docstrings=True)
 
     model_repository: Path = Path("model_repository")
-    """Directory holding one folder per model."""
+    """Directory holding one folder per model; or one model: an ONNX file, or a folder holding one (a
+    model directory as in a repository, or just its files), served alone (see model_name)."""
+    model_name: str | None = None
+    """The name of a model served alone (model_repository is a file or a model folder); default: the file's
+    or folder's name."""
     host: str = "0.0.0.0"
     """Address to listen on."""
     port: int = Field(8001, ge=0, le=65535)
@@ -107,7 +111,7 @@ class Settings(BaseSettings):
 # Set by the supervisor for its workers, hidden from --help.
 _INTERNAL = ("worker_index", "peer_dir")
 # Flags whose value the supervisor decides for each worker (ports it reserved, its own files).
-_PER_WORKER = ("port", "http_port", "metrics_port", "port_file", "worker_index", "peer_dir")
+_PER_WORKER = ("port", "http_port", "metrics_port", "port_file", "worker_index", "peer_dir", "model_name")
 
 
 def _flag(name: str) -> str:
