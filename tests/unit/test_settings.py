@@ -52,7 +52,8 @@ def test_a_worker_gets_every_setting_of_the_server() -> None:
     worker = parse(*argv)
     assert worker.port == 1234 and worker.metrics_port == 5678 and worker.worker_index == 1
     assert worker.peer_dir == Path("/p") and worker.port_file is None
-    same = {n for n in Settings.model_fields if n not in ("port", "http_port", "metrics_port", "port_file",
-                                                          "worker_index", "peer_dir", "http_max_body_bytes", "model_name")}
+    own = ("port", "http_port", "metrics_port", "port_file", "worker_index", "peer_dir", "http_max_body_bytes",
+           "model_name")
+    same = {n for n in Settings.model_fields if n not in own}
     assert {n: getattr(worker, n) for n in same} == {n: getattr(settings, n) for n in same}
     assert worker.http_max_body_bytes == settings.resolved_http_max_body_bytes()
