@@ -109,6 +109,11 @@ class OrtServer:
             # Only workers share a port; a lone server must not silently share one by accident.
             ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
+        if self.settings.grpc_max_connection_age_s is not None:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.settings.grpc_max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.settings.shutdown_grace_s * 1000)),
+            ]
         server = grpc.aio.server(options=options)
         observer = CallObserver(self.plane.grpc_requests, self.settings.log_requests)
         add_inference_service(InferenceServicer(self.plane), server, observer)

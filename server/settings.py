@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     """Largest request accepted (gRPC's own default is 4 MiB)."""
     max_send_message_bytes: int = Field(1 << 30, ge=4 << 20)
     """Largest response sent."""
+    grpc_max_connection_age_s: float | None = Field(None, gt=0)
+    """Close each gRPC connection after this many seconds (clients reconnect, gracefully: calls in flight get
+    the shutdown grace to finish), so long-lived channels rebalance onto new replicas behind a load balancer.
+    Default: never."""
     default_max_batch_size: int = Field(64, ge=1)
     """max_batch_size of models whose config leaves it out and whose graph batches."""
     strict_readiness: bool = True
