@@ -3,9 +3,9 @@
 Builds the test model repository, starts `ortserve serve` on it, and runs the same hypothesis
 strategies: generated ModelInferRequests (on ModelInfer and ModelStreamInfer), raw random bodies
 on every RPC path, well-formed requests that must succeed, and generated sampling settings for the
-text model (tests/test_property_generation.py) on ModelInfer, ModelStreamInfer and Generate. Prints the answers by status code;
-exits 1 on any UNKNOWN or INTERNAL answer (hypothesis prints the smallest request that gives it)
-or when the server dies.
+text model (tests/test_property_generation.py) on ModelInfer, ModelStreamInfer and Generate.
+Prints the answers by status code; exits 1 on any UNKNOWN or INTERNAL answer (hypothesis prints
+the smallest request that gives it) or when the server dies.
 
     .venv/bin/python bench/fuzz.py --examples 5000 [--seed 7]
 """

@@ -15,7 +15,9 @@ from pathlib import Path
 
 def byte_symbols() -> list[str]:
     """One printable character per byte value (the usual byte-level BPE alphabet), in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols: dict[int, str] = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):

@@ -116,7 +116,7 @@ def main() -> None:
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(output_names, sess.run(output_names, inputs)))
+        return dict(zip(output_names, sess.run(output_names, inputs), strict=True))
 
     config = TritonConfig(
         http_address="127.0.0.1", http_port=args.http_port,

@@ -88,7 +88,9 @@ def start_echo(port: int, workers: int, uvloop: bool) -> subprocess.Popen:
     command = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port), "--workers", str(workers)]
     if uvloop:
         command.append("--uvloop")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     time.sleep(3)
     return process
 

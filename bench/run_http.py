@@ -70,7 +70,10 @@ def main() -> None:
         grpc = perf_analyzer("grpc", args.model, f"127.0.0.1:{grpc_port}", args.concurrency, args.interval_ms)
     finally:
         stop(process)
-    print(f"{args.model}, {args.workers} worker(s), concurrency {args.concurrency}, perf_analyzer, batch 1 per request\n")
+    print(
+        f"{args.model}, {args.workers} worker(s), concurrency {args.concurrency}, "
+        "perf_analyzer, batch 1 per request\n"
+    )
     print("| protocol | infer/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|")
     for name, result in (("HTTP", http), ("gRPC", grpc)):

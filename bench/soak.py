@@ -173,7 +173,8 @@ def stream_infer_client(address: str, stop: threading.Event, tally: Tally, seed:
             stream = request.inputs.add(name="stream", datatype="BOOL", shape=[1])
             stream.contents.bool_contents.append(True)
             try:
-                errors = [r.error_message for r in stub.ModelStreamInfer(iter([request]), timeout=120) if r.error_message]
+                answers = stub.ModelStreamInfer(iter([request]), timeout=120)
+                errors = [r.error_message for r in answers if r.error_message]
                 tally.add("stream_infer", "OK" if not errors else "STREAM_ERROR", "; ".join(errors))
             except grpc.RpcError as exc:
                 tally.add("stream_infer", exc.code().name, exc.details() or "")
@@ -246,7 +247,8 @@ def hostile_requests(rng: random.Random) -> list[tuple[str, object]]:
     claimed.inputs.add(name="image", datatype="BYTES", shape=[1, 1 << rng.randint(20, 60)])
     claimed.raw_input_contents.append(bytes(rng.randint(0, 8)))
     out.append(("ModelInfer", claimed))
-    version = pb.ModelInferRequest(model_name="digits", model_version=rng.choice(["²", "١", "-1", "1e3", "99999999999999999999"]))
+    odd_version = rng.choice(["²", "١", "-1", "1e3", "99999999999999999999"])
+    version = pb.ModelInferRequest(model_name="digits", model_version=odd_version)
     out.append(("ModelInfer", version))
     sampling = pb.ModelInferRequest(model_name="bytes_decoder")
     text = sampling.inputs.add(name="text_input", datatype="BYTES", shape=[1])
@@ -329,8 +331,13 @@ def main() -> int:
         print(f"server pid {process.pid} on {address}; log {workdir / 'server.log'}", flush=True)
 
     tally, stop = Tally(), threading.Event()
-    clients = [threading.Thread(target=tensor_client, args=(address, stop, tally, i)) for i in range(args.tensor_clients)]
-    clients += [threading.Thread(target=generate_client, args=(address, stop, tally, 100 + i)) for i in range(args.generate_clients)]
+    clients = [
+        threading.Thread(target=tensor_client, args=(address, stop, tally, i)) for i in range(args.tensor_clients)
+    ]
+    clients += [
+        threading.Thread(target=generate_client, args=(address, stop, tally, 100 + i))
+        for i in range(args.generate_clients)
+    ]
     clients += [threading.Thread(target=stream_infer_client, args=(address, stop, tally, 200))]
     clients += [threading.Thread(target=control_client, args=(address, stop, tally, args.reload_period_s))]
     clients += [threading.Thread(target=hostile_client, args=(address, stop, tally, 300))]

@@ -16,8 +16,8 @@ import onnx
 from google.protobuf import text_format
 
 from server.repository import config as model_config
-from server.schema import model_config_pb2 as mc
 from server.runtime import onnx as ort_runtime
+from server.schema import model_config_pb2 as mc
 
 
 class ExportMismatchError(Exception):
@@ -107,7 +107,9 @@ def to_onnx(module, example_inputs: Sequence, spec: ExportSpec) -> onnx.ModelPro
     return model
 
 
-def check_against_torch(module, model: onnx.ModelProto, example_inputs: Sequence, spec: ExportSpec, seed: int = 0) -> float:  # type: ignore[no-untyped-def]
+def check_against_torch(  # type: ignore[no-untyped-def]
+    module, model: onnx.ModelProto, example_inputs: Sequence, spec: ExportSpec, seed: int = 0
+) -> float:
     """Runs ORT and PyTorch on fresh random inputs and compares every output.
 
     Returns:
@@ -126,7 +128,9 @@ def check_against_torch(module, model: onnx.ModelProto, example_inputs: Sequence
     if isinstance(expected, torch.Tensor):
         expected = (expected,)
     session = ort_runtime.OnnxRuntimeSession(model.SerializeToString(), Path("."), ort_runtime.SessionOptions())
-    actual = session.run({n: x.numpy() for n, x in zip(spec.input_names, inputs)}, spec.output_names)
+    # input_names follow forward()'s arguments one for one: a length mismatch is a bad spec.
+    feeds = {n: x.numpy() for n, x in zip(spec.input_names, inputs, strict=True)}
+    actual = session.run(feeds, spec.output_names)
     return compare_outputs(spec, expected, actual)
 
 
@@ -141,7 +145,7 @@ def compare_outputs(spec: ExportSpec, expected: Sequence, actual: Sequence[np.nd
             atol + rtol * |torch|.
     """
     worst = 0.0
-    for name, want, got in zip(spec.output_names, expected, actual):
+    for name, want, got in zip(spec.output_names, expected, actual, strict=True):
         want_np = want.detach().numpy()
         if want_np.shape != got.shape:
             raise ExportMismatchError(f"output '{name}': ONNX Runtime shape {got.shape}, PyTorch shape {want_np.shape}")
@@ -173,7 +177,9 @@ def build_config(model: onnx.ModelProto, name: str, spec: ExportSpec) -> mc.Mode
     return config
 
 
-def write_model(model: onnx.ModelProto, config: mc.ModelConfig, repository: Path, version: int, labels: Sequence[str] = ()) -> Path:
+def write_model(
+    model: onnx.ModelProto, config: mc.ModelConfig, repository: Path, version: int, labels: Sequence[str] = ()
+) -> Path:
     """Writes config.pbtxt, labels.txt and <version>/model.onnx; each file appears whole or not at all.
 
     Returns:

@@ -48,7 +48,9 @@ def suffix_model(suffix: str = "!") -> onnx.ModelProto:
     """Strings [B, N] -> each string with `suffix` appended (StringConcat, opset 20)."""
     graph = helper.make_graph(
         [
-            helper.make_node("Constant", [], ["suffix"], value=helper.make_tensor("s", TensorProto.STRING, [], [suffix.encode()])),
+            helper.make_node(
+                "Constant", [], ["suffix"], value=helper.make_tensor("s", TensorProto.STRING, [], [suffix.encode()])
+            ),
             helper.make_node("StringConcat", ["text", "suffix"], ["joined"]),
         ],
         "suffix",

@@ -75,7 +75,9 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attn = Attention(config)
         self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(nn.Linear(config.d_model, config.d_ff), nn.GELU(), nn.Linear(config.d_ff, config.d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff), nn.GELU(), nn.Linear(config.d_ff, config.d_model)
+        )
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
@@ -97,7 +99,9 @@ class Decoder(nn.Module):
         self.ln = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         seq = input_ids.shape[1]
         total = attention_mask.shape[1]
         past_len = total - seq
@@ -231,7 +235,7 @@ def check_decoder(model: Decoder, onnx_model: onnx.ModelProto, spec: ExportSpec,
         inputs = _example_inputs(model.config, batch, seq, past, seed)
         with torch.no_grad():
             expected = model(*inputs)
-        actual = session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs)}, spec.output_names)
+        actual = session.run({n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)}, spec.output_names)
         worst = max(worst, compare_outputs(spec, expected, actual))
     return worst
 
@@ -246,7 +250,9 @@ def export(model: Decoder, repository: Path, name: str = "bytes_decoder", versio
     return model_dir
 
 
-def greedy_completion(session: ort_runtime.OnnxRuntimeSession, config: DecoderConfig, prompt: bytes, max_new_tokens: int) -> bytes:
+def greedy_completion(
+    session: ort_runtime.OnnxRuntimeSession, config: DecoderConfig, prompt: bytes, max_new_tokens: int
+) -> bytes:
     """Greedy decoding with the exported model and its KV cache: a reference for the server's scheduler."""
     ids = np.array([[BOS_TOKEN_ID, *prompt]], np.int64)
     past = [np.zeros((1, config.n_heads, 0, config.head_dim), np.float32) for _ in range(2 * config.n_layers)]
