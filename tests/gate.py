@@ -40,7 +40,11 @@ class Gate:
     def entered(self) -> list[str]:
         """Ids of every run that has reached the gate so far, oldest first."""
         names = [p.name.removeprefix("entered.") for p in self.directory.glob("entered.*")]
-        return sorted(names, key=lambda run: ((self.directory / f"entered.{run}").stat().st_mtime_ns, int(run.split(".")[-1])))
+        # Oldest first by the marker's mtime; the run's counter breaks ties within one mtime tick.
+        def age(run: str) -> tuple[int, int]:
+            return (self.directory / f"entered.{run}").stat().st_mtime_ns, int(run.split(".")[-1])
+
+        return sorted(names, key=age)
 
     def rows(self, run: str) -> int:
         """How many batch rows run `run` holds."""

@@ -51,7 +51,7 @@ async def test_many_clients_with_mixed_batch_sizes_each_get_their_own_answer(ser
             *(aio_stub.ModelInfer(digits_request(x, str(i)), timeout=60) for i, x in enumerate(inputs))
         )
     after = statistics(stub, "digits")
-    for i, (response, want) in enumerate(zip(responses, expected)):
+    for i, (response, want) in enumerate(zip(responses, expected, strict=True)):
         assert response.id == str(i)
         np.testing.assert_allclose(logits(response), want, rtol=1e-5, atol=1e-5)
     assert after.inference_count - before.inference_count == sum(sizes)
@@ -95,19 +95,24 @@ def test_requests_queued_behind_a_busy_instance_share_one_run_and_get_their_own_
     # both (its row count says so) and each gets back exactly its own rows.
     gate = repository.gates["gated_pair"]
     out = lambda response: np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 512)  # noqa: E731
-    alone = [out(stub.ModelInfer(gated_request(rows, "gated_pair", value), timeout=WAIT_S)) for rows, value in ((2, 0.5), (3, -0.25))]
+    alone = [
+        out(stub.ModelInfer(gated_request(rows, "gated_pair", value), timeout=WAIT_S))
+        for rows, value in ((2, 0.5), (3, -0.25))
+    ]
     before = statistics(stub, "gated_pair")
     with gate.held():
         seen = len(gate.entered())
         running = stub.ModelInfer.future(gated_request(1, "gated_pair"), timeout=WAIT_S)
         first = gate.wait_entered(seen)
-        pair = _queue_all(stub, [gated_request(2, "gated_pair", 0.5), gated_request(3, "gated_pair", -0.25)], "gated_pair")
+        pair = _queue_all(
+            stub, [gated_request(2, "gated_pair", 0.5), gated_request(3, "gated_pair", -0.25)], "gated_pair"
+        )
         gate.release(first)
         running.result()
         merged = gate.wait_entered(seen + 1)
         assert gate.rows(merged) == 5, gate.rows(merged)
     results = [out(future.result()) for future in pair]
-    for got, want in zip(results, alone):
+    for got, want in zip(results, alone, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     after = statistics(stub, "gated_pair")
     assert after.execution_count - before.execution_count == 2

@@ -162,7 +162,8 @@ def schema_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("plain", "triton_disabled", "sequence"):
         export_torch(Scale(), (torch.ones(2, 4),), ExportSpec(["x"], ["y"], max_batch_size=8), root, name)
     _write_config(root, "triton_disabled", DISABLED_FEATURES)
-    _write_config(root, "sequence", DISABLED_FEATURES.replace("dynamic_batching { preserve_ordering: true }", REFUSED[0][0]))
+    sequence = DISABLED_FEATURES.replace("dynamic_batching { preserve_ordering: true }", REFUSED[0][0])
+    _write_config(root, "sequence", sequence)
     export_torch(MatSquare(), (torch.ones(2, 2, 2),), ExportSpec(["x"], ["y"], max_batch_size=8), root, "square")
     _write_config(root, "square", """
 name: "NAME"
@@ -295,7 +296,8 @@ BOUNDS = [
     (_override(parameters={"inter_op_thread_count": {"string_value": "100000"}}), "inter_op_thread_count"),
     ({"max_batch_size": 2_000_000_000}, "max_batch_size"),
     (_override(dynamic_batching={"max_queue_delay_microseconds": "1000000000000"}), "max_queue_delay_microseconds"),
-    (_override(dynamic_batching={"priority_levels": "1000000000000", "default_priority_level": "1"}), "priority_levels"),
+    (_override(dynamic_batching={"priority_levels": "1000000000000", "default_priority_level": "1"}),
+     "priority_levels"),
     (_override(dynamic_batching={"preferred_batch_size": [1] * 100_000}), "preferred_batch_size"),
     (_override(dynamic_batching={"default_queue_policy": {"max_queue_size": 4_000_000_000}}), "max_queue_size"),
     (_override(dynamic_batching={"default_queue_policy": {"default_timeout_microseconds": "18000000000000000000"}}),
@@ -305,9 +307,11 @@ BOUNDS = [
     (_override(model_warmup=[{"name": "w", "batch_size": 16, "inputs": {"x": _WARMUP_INPUT}}]), "batch_size 16"),
     (_override(model_warmup=[{"name": "w", "batch_size": 1, "count": 1_000_000_000, "inputs": {"x": _WARMUP_INPUT}}]),
      "count"),
-    (_override(model_warmup=[{"name": "w", "batch_size": 8, "inputs": {"x": {**_WARMUP_INPUT, "dims": [1_000_000_000]}}}]),
-     "elements"),
-    (_override(model_warmup=[{"name": "w", "batch_size": 1, "inputs": {"x": _WARMUP_INPUT}}] * 1000), "model_warmup entries"),
+    (_override(model_warmup=[
+        {"name": "w", "batch_size": 8, "inputs": {"x": {**_WARMUP_INPUT, "dims": [1_000_000_000]}}},
+    ]), "elements"),
+    (_override(model_warmup=[{"name": "w", "batch_size": 1, "inputs": {"x": _WARMUP_INPUT}}] * 1000),
+     "model_warmup entries"),
 ]
 
 

@@ -48,7 +48,8 @@ def test_wire_compatible_with_tritonclient() -> None:
             other = their_methods[method.name]
             assert method.input_type.name == other.input_type.name
             assert method.output_type.name == other.output_type.name
-            assert (method.client_streaming, method.server_streaming) == (other.client_streaming, other.server_streaming)
+            streaming = (method.client_streaming, method.server_streaming)
+            assert streaming == (other.client_streaming, other.server_streaming)
 
 
 def _compare(ours, theirs) -> None:  # type: ignore[no-untyped-def]
