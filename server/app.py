@@ -169,7 +169,8 @@ class OrtServer:
 
     async def _start_metrics(self, reuse_port: bool) -> None:
         """Prometheus metrics on their own port (Triton's 8002), in this process and event loop."""
-        self._metrics = await self._listen(create_metrics_app(self.plane), self.settings.metrics_port, reuse_port, "metrics")
+        app = create_metrics_app(self.plane)
+        self._metrics = await self._listen(app, self.settings.metrics_port, reuse_port, "metrics")
         self.metrics_port = self._metrics.port
 
     async def _listen(self, app: Any, port: int, reuse_port: bool, what: str) -> HttpServer:
@@ -272,3 +273,8 @@ async def serve(settings: Settings) -> None:
     await server.start()
     await stop.wait()
     await server.stop()
+    # Stopped: what is left is the interpreter's exit. A second SIGTERM or Ctrl-C now (a supervisor repeating
+    # its request) must not turn a clean stop into death by signal once the loop's handlers are gone.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)

@@ -163,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def given_arguments(namespace: argparse.Namespace) -> dict[str, Any]:
     """The settings a parsed command line gave (flags left out are not in it)."""
-    return {name: value for name, value in vars(namespace).items() if name in Settings.model_fields and value is not None}
+    fields = Settings.model_fields
+    return {name: value for name, value in vars(namespace).items() if name in fields and value is not None}
 
 
 def worker_arguments(settings: Settings, **per_worker: Any) -> list[str]:

@@ -163,7 +163,9 @@ class _Worker:
 class _Supervisor:
     """Starts the workers, restarts any that dies, stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings, port: int, peer_dir: Path, http_port: int = 0, metrics_port: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, port: int, peer_dir: Path, http_port: int = 0, metrics_port: int = 0
+    ) -> None:
         self.settings = settings
         self.port = port
         self.http_port = http_port
@@ -260,7 +262,8 @@ def supervise(settings: Settings) -> int:
             # A worker that cannot even start (bad repository, port taken) will not do better on a retry.
             dead = supervisor.first_dead()
             if dead is not None:
-                logger.error("worker %d exited during start-up with %s", dead.index, describe_exit(dead.process.returncode))
+                code = describe_exit(dead.process.returncode)
+                logger.error("worker %d exited during start-up with %s", dead.index, code)
                 failed = True
                 break
             time.sleep(0.05)

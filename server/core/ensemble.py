@@ -153,7 +153,11 @@ class EnsembleModel:
             self.stats.record_request(failure, time.perf_counter_ns() - start)
 
     async def _run_steps(
-        self, steps: list[EnsembleStep], tensors: dict[str, InputTensor], request: InferRequest, deadline_s: float | None
+        self,
+        steps: list[EnsembleStep],
+        tensors: dict[str, InputTensor],
+        request: InferRequest,
+        deadline_s: float | None,
     ) -> list[dict[str, InputTensor]]:
         """Runs independent steps concurrently; the first failure, or a cancelled request, cancels the rest."""
         tasks = [asyncio.ensure_future(self._run_step(s, tensors, request, deadline_s)) for s in steps]

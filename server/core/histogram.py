@@ -61,7 +61,7 @@ class Histogram:
         """Adds another histogram with the same bounds (another worker's)."""
         if other.bounds != self.bounds:
             raise ValueError("histograms with different buckets cannot be added")
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.sum += other.sum
 
     def cumulative(self) -> list[int]:

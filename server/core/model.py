@@ -74,13 +74,15 @@ class SignatureValidator:
             seen.add(tensor.name)
             if tensor.datatype != spec.datatype:
                 raise InvalidInputError(
-                    f"input {quoted(tensor.name)} has datatype {quoted(tensor.datatype)}; model '{self.name}' expects {spec.datatype}"
+                    f"input {quoted(tensor.name)} has datatype {quoted(tensor.datatype)}; "
+                    f"model '{self.name}' expects {spec.datatype}"
                 )
             dims = tensor.shape
             if max_batch > 0:
                 if len(dims) < 1 or dims[0] < 1:
                     raise InvalidInputError(
-                        f"input {quoted(tensor.name)} needs a batch dimension of at least 1 first; got shape {list(dims)}"
+                        f"input {quoted(tensor.name)} needs a batch dimension of at least 1 first; "
+                        f"got shape {list(dims)}"
                     )
                 if dims[0] > max_batch:
                     raise InvalidInputError(
@@ -92,7 +94,8 @@ class SignatureValidator:
             if not _dims_match(dims, spec.dims):
                 expected = ([-1] if max_batch > 0 else []) + list(spec.dims)
                 raise InvalidInputError(
-                    f"input {quoted(tensor.name)} has shape {list(tensor.shape)}; model '{self.name}' expects {expected}"
+                    f"input {quoted(tensor.name)} has shape {list(tensor.shape)}; "
+                    f"model '{self.name}' expects {expected}"
                 )
         missing = [s.name for s in self.signature.inputs if not s.optional and s.name not in seen]
         if missing:
@@ -223,7 +226,7 @@ class Model:
                 model_name=self.name,
                 model_version=str(self.version),
                 id=request.id,
-                outputs=[self._build_output(o, r) for o, r in zip(outputs, results)],
+                outputs=[self._build_output(o, r) for o, r in zip(outputs, results, strict=True)],
             )
             return response
         except BaseException as exc:
@@ -290,7 +293,9 @@ class Model:
         if args.empty_final:
             yield TextResponse(self.name, version, request.id, None, True)
 
-    async def token_chunks(self, prompt: str, params: SamplingParams, deadline_s: float | None) -> AsyncIterator[TokenChunk]:
+    async def token_chunks(
+        self, prompt: str, params: SamplingParams, deadline_s: float | None
+    ) -> AsyncIterator[TokenChunk]:
         """Typed text generation (ortserve.v1.TextGeneration): token chunks as the model makes them.
 
         Raises:
@@ -347,7 +352,9 @@ def _scheduling_parameters(parameters: dict[str, ParamValue]) -> tuple[int, int]
     for key in ("priority", "timeout"):
         value = parameters.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidInputError(f"request parameter {quoted(key)} must be a non-negative integer, got {quoted(value)}")
+            raise InvalidInputError(
+                f"request parameter {quoted(key)} must be a non-negative integer, got {quoted(value)}"
+            )
         values.append(value)
     return values[0], values[1]
 
@@ -359,7 +366,7 @@ def map_shape(shape: tuple[int, ...], source: tuple[int, ...], target: tuple[int
     `target` per -1 in `source`, equal fixed element counts) makes the result
     hold exactly the elements of `shape`.
     """
-    variable = iter([d for d, pattern in zip(shape, source) if pattern == -1])
+    variable = iter([d for d, pattern in zip(shape, source, strict=True) if pattern == -1])
     return tuple(next(variable) if d == -1 else d for d in target)
 
 
@@ -374,7 +381,7 @@ def to_model_shape(spec: TensorSpec, data: np.ndarray, batched: bool) -> np.ndar
 def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:
     if len(actual) != len(declared):
         return False
-    return all(d == -1 or a == d for a, d in zip(actual, declared))
+    return all(d == -1 or a == d for a, d in zip(actual, declared, strict=True))
 
 
 def classify(data: np.ndarray, k: int, labels: list[str], batched: bool) -> np.ndarray:

@@ -125,13 +125,16 @@ def _decode_input(tensor: Any, index: int, binary: memoryview) -> tuple[InputTen
     datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in datatypes.BY_NAME:
         raise InvalidInputError(
-            f"input {quoted(name)} has unknown datatype {quoted(datatype)}; expected one of {', '.join(datatypes.BY_NAME)}"
+            f"input {quoted(name)} has unknown datatype {quoted(datatype)}; "
+            f"expected one of {', '.join(datatypes.BY_NAME)}"
         )
     shape_value = tensor.get("shape")
     if (
         not isinstance(shape_value, list)
         or len(shape_value) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and _INT64_MIN <= d <= _INT64_MAX for d in shape_value)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and _INT64_MIN <= d <= _INT64_MAX for d in shape_value
+        )
     ):
         raise InvalidInputError(f"input {quoted(name)} must have a 'shape': a list of at most {MAX_DIMS} integers")
     shape = tuple(shape_value)
@@ -227,7 +230,9 @@ def _decode_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, bool]]
     return outputs, binary
 
 
-def encode_infer_response(response: InferResponse, binary_default: bool, binary_outputs: dict[str, bool]) -> tuple[bytes, int | None]:
+def encode_infer_response(
+    response: InferResponse, binary_default: bool, binary_outputs: dict[str, bool]
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs follow it (else None)."""
     tensors = []
     chunks = []

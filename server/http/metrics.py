@@ -45,7 +45,7 @@ def _label_value(value: str) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    pairs = [f'{n}="{_label_value(v)}"' for n, v in zip(names, values)]
+    pairs = [f'{n}="{_label_value(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         pairs.append(extra)
     return "{" + ",".join(pairs) + "}" if pairs else ""
@@ -60,7 +60,7 @@ def render(families: Sequence[Family]) -> bytes:
         lines.append(f"# TYPE {family.name} {family.kind}")
         for values, value in family.samples.items():
             if isinstance(value, Histogram):
-                for bound, count in zip([*value.bounds, math.inf], value.cumulative()):
+                for bound, count in zip([*value.bounds, math.inf], value.cumulative(), strict=True):
                     le = "+Inf" if math.isinf(bound) else repr(float(bound))
                     labels = _labels(family.labels, values, 'le="' + le + '"')
                     lines.append(f"{family.name}_bucket{labels} {count}")

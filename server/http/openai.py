@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import orjson
-
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -127,7 +126,9 @@ class _GenerationFields(BaseModel):
             seed=self.seed,
             stop=tuple(s for s in stop if s),
             top_k=defaults.top_k if self.top_k is None else self.top_k,
-            repetition_penalty=defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=(
+                defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+            ),
             min_tokens=defaults.min_tokens if self.min_tokens is None else self.min_tokens,
             ignore_eos=defaults.ignore_eos if self.ignore_eos is None else self.ignore_eos,
         )
@@ -210,7 +211,8 @@ def _error_event(exc: Exception) -> dict[str, object]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     """The ready text-generation models, as OpenAI's model list."""
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": OWNER} for name in textgen.generation_models(data_plane(request))]
+    names = textgen.generation_models(data_plane(request))
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": OWNER} for name in names]
     return _JSONResponse({"object": "list", "data": data})
 
 
@@ -276,7 +278,8 @@ async def completions(request: Request) -> Response:
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(last)}
 
-    return EventStream(events(await until_disconnect(request, prefetch(chunks))), error_event=_error_event, done="[DONE]")
+    source = await until_disconnect(request, prefetch(chunks))
+    return EventStream(events(source), error_event=_error_event, done="[DONE]")
 
 
 @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
@@ -313,7 +316,8 @@ async def chat_completions(request: Request) -> Response:
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
         def chunk_event(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            entry = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [entry], **extra}
 
         # The first chunk carries the role, as OpenAI's does.
         yield chunk_event({"role": "assistant", "content": ""}, None)
@@ -330,7 +334,8 @@ async def chat_completions(request: Request) -> Response:
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(last)}
 
-    return EventStream(events(await until_disconnect(request, prefetch(chunks))), error_event=_error_event, done="[DONE]")
+    source = await until_disconnect(request, prefetch(chunks))
+    return EventStream(events(source), error_event=_error_event, done="[DONE]")
 
 
 async def _collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk | None]:

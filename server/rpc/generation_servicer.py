@@ -23,6 +23,8 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         params = converters.sampling_params_from_pb(request)
-        chunks = self._plane.generate(request.model, request.model_version, request.prompt, params, context.time_remaining())
+        chunks = self._plane.generate(
+            request.model, request.model_version, request.prompt, params, context.time_remaining()
+        )
         async for chunk in chunks:
             yield converters.token_chunk_to_pb(chunk)

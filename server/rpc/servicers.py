@@ -50,11 +50,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unsupported("changing log settings at run time")
 
     @status.unary
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.live())
 
     @status.unary
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._plane.ready())
 
     @status.unary
@@ -67,7 +71,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return converters.server_metadata_to_pb(self._plane.metadata())
 
     @status.unary
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
     @status.unary
@@ -77,7 +83,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return converters.model_metadata_to_pb(self._plane.model_metadata(request.name, request.version))
 
     @status.unary
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         response = await self._plane.infer(converters.infer_request_from_pb(request), context.time_remaining())
         return converters.infer_response_to_pb(response)
 
@@ -136,7 +144,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     @status.unary
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         response = pb.ModelConfigResponse()
         response.config.CopyFrom(self._plane.model_config(request.name, request.version))
         return response

@@ -22,7 +22,8 @@ def decode_typed(contents: Any, datatype: str, shape: tuple[int, ...], name: str
     for field_desc, _ in contents.ListFields():
         if field_desc.name != dtype.contents_field:
             raise InvalidInputError(
-                f"input {quoted(name)} is {datatype} but sets contents.{field_desc.name}; use contents.{dtype.contents_field}"
+                f"input {quoted(name)} is {datatype} but sets contents.{field_desc.name}; "
+                f"use contents.{dtype.contents_field}"
             )
     values = getattr(contents, dtype.contents_field)
     count = checked_element_count(shape, name)

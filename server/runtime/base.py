@@ -51,5 +51,5 @@ class Runtime(ABC):
         BYTES tensors go in and come out as object arrays of `bytes`.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook with a default: a runtime holding nothing need not override it
         """Releases the instance's resources."""

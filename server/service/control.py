@@ -166,7 +166,7 @@ class ModelControl:
                 override, None for its own config). Otherwise unload it again.
         """
         logger.error("load of '%s' failed on some workers; rolling it back on the others", name)
-        for address, result in zip([None, *self._addresses], results):
+        for address, result in zip([None, *self._addresses], results, strict=True):
             if result is not True:
                 continue
             try:

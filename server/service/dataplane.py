@@ -210,7 +210,9 @@ class DataPlane:
         # A generation model answers with its whole text (Model.text_responses, unary).
         return await model.infer(request, deadline_s)
 
-    async def infer_decoupled(self, request: InferRequest, deadline_s: float | None = None) -> AsyncIterator[InferResponse]:
+    async def infer_decoupled(
+        self, request: InferRequest, deadline_s: float | None = None
+    ) -> AsyncIterator[InferResponse]:
         """The responses of one request in a stream, each flagged `triton_final_response`.
 
         A tensor model answers once; a generation model answers with Triton's decoupled

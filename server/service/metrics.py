@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from server.core.histogram import Histogram
 from server.core.statistics import FAILURE_REASONS, FINISH_REASONS
@@ -24,7 +24,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 # How a gauge of several workers becomes one value: sum (requests pending), max (a load time),
 # mean (a share of a budget each worker has the same of).
 Merge = Literal["sum", "max", "mean"]
-Value = Union[float, Histogram]
+Value = float | Histogram
 
 TENSOR_LABELS = ("model", "version")  # Triton's
 GENERATION_LABELS = ("model_name", "version")  # vLLM's (as Triton's vLLM backend adds `version`)
@@ -157,9 +157,9 @@ def model_families(models: Sequence[Any]) -> list[Family]:
         counters["nv_inference_exec_count"].add(labels, float(stats.execution_count))
         for reason in FAILURE_REASONS:
             failure.add((*labels, reason), float(stats.failures[reason]))
-        for family, (_, _, attribute) in zip(durations, _TRITON_DURATIONS):
+        for family, (_, _, attribute) in zip(durations, _TRITON_DURATIONS, strict=True):
             family.add(labels, float(getattr(stats, attribute).ns // 1000))
-        for family, (_, _, attribute) in zip(histograms, _HISTOGRAMS):
+        for family, (_, _, attribute) in zip(histograms, _HISTOGRAMS, strict=True):
             family.add(labels, getattr(stats, attribute))
         load.add(labels, stats.load_seconds)
         generator = getattr(model, "generator", None)
@@ -201,7 +201,7 @@ class _GenerationFamilies:
 
     def add(self, labels: tuple[str, ...], generator: Any) -> None:
         stats = generator.stats
-        for family, (_, _, attribute) in zip(self.histograms, _GENERATION_HISTOGRAMS):
+        for family, (_, _, attribute) in zip(self.histograms, _GENERATION_HISTOGRAMS, strict=True):
             family.add(labels, getattr(stats, attribute))
         running, waiting, cache = generator.load()
         self.running.add(labels, float(running))
