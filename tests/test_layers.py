@@ -111,7 +111,9 @@ def layer_diagram() -> str:
 
 def test_architecture_document_shows_the_layers_this_test_enforces() -> None:
     document = (ROOT / "docs" / "architecture.md").read_text()
-    assert layer_diagram() in document, "regenerate the diagram: python -c 'from tests.test_layers import *; print(layer_diagram())'"
+    assert layer_diagram() in document, (
+        "regenerate the diagram: python -c 'from tests.test_layers import *; print(layer_diagram())'"
+    )
 
 
 def test_every_file_of_the_documented_request_route_exists() -> None:

@@ -35,7 +35,9 @@ class ScriptedGenerator:
         self.prompts: list[bytes] = []
         self.busy = False
 
-    async def generate(self, prompt: bytes, params: SamplingParams, deadline_s: float | None) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self, prompt: bytes, params: SamplingParams, deadline_s: float | None
+    ) -> AsyncIterator[TokenChunk]:
         self.prompts.append(prompt)
         for index, piece in enumerate(self.pieces):
             last = index == len(self.pieces) - 1
@@ -58,7 +60,10 @@ def generation_model(pieces: list[str], fail: bool = False) -> Model:
         max_batch_size=0,
     )
     generator = ScriptedGenerator(pieces, fail)
-    return Model("writer", 1, "onnxruntime_onnx", signature, [], SchedulerConfig(), mc.ModelConfig(name="writer"), generator)  # type: ignore[arg-type]
+    config = mc.ModelConfig(name="writer")
+    return Model(
+        "writer", 1, "onnxruntime_onnx", signature, [], SchedulerConfig(), config, generator  # type: ignore[arg-type]
+    )
 
 
 @dataclass
@@ -108,13 +113,17 @@ def plane(registry: FakeRegistry, strict: bool = True, control_mode: str = "none
     return DataPlane(registry, state, "1.2.3", control_mode)  # type: ignore[arg-type]
 
 
-def text_request(prompt: str, stream: bool | None = None, exclude: bool | None = None, empty_final: bool = False) -> InferRequest:
+def text_request(
+    prompt: str, stream: bool | None = None, exclude: bool | None = None, empty_final: bool = False
+) -> InferRequest:
     inputs = [InputTensor("text_input", "BYTES", (1,), np.array([prompt.encode()], dtype=object))]
     if stream is not None:
         inputs.append(InputTensor("stream", "BOOL", (1,), np.array([stream])))
     if exclude is not None:
         inputs.append(InputTensor("exclude_input_in_output", "BOOL", (1,), np.array([exclude])))
-    parameters: dict[str, bool | int | float | str] = {"triton_enable_empty_final_response": True} if empty_final else {}
+    parameters: dict[str, bool | int | float | str] = {}
+    if empty_final:
+        parameters["triton_enable_empty_final_response"] = True
     return InferRequest("writer", id="r1", inputs=inputs, parameters=parameters)
 
 
@@ -158,7 +167,9 @@ def test_metadata_is_plain() -> None:
 # Triton's text-generation convention.
 
 
-async def responses(data_plane: DataPlane, request: InferRequest, decoupled: bool) -> list[tuple[str | None, bool | None]]:
+async def responses(
+    data_plane: DataPlane, request: InferRequest, decoupled: bool
+) -> list[tuple[str | None, bool | None]]:
     return [(r.text, r.final) async for r in data_plane.generate_text(request, decoupled=decoupled)]
 
 
@@ -192,7 +203,8 @@ async def test_the_empty_final_response_ends_the_series() -> None:
     assert await responses(data_plane, request, decoupled=True) == [("a", False), ("b", False), (None, True)]
     # A last chunk without text is not sent: the empty final response replaces it.
     data_plane = plane(FakeRegistry({"writer": generation_model(["a", ""])}))
-    assert await responses(data_plane, text_request("p", empty_final=True), decoupled=True) == [("a", False), (None, True)]
+    answers = await responses(data_plane, text_request("p", empty_final=True), decoupled=True)
+    assert answers == [("a", False), (None, True)]
     # As a tensor response, the empty final one has no output and the final flag.
     final = [r async for r in data_plane.infer_decoupled(text_request("p", empty_final=True))][-1]
     assert final.outputs == [] and final.parameters == {"triton_final_response": True}

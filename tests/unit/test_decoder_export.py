@@ -24,7 +24,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[dec.Decoder, Onn
     return model, session, model_dir
 
 
-def run(session: OnnxRuntimeSession, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+def run(
+    session: OnnxRuntimeSession, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+) -> list[np.ndarray]:
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     for i in range(TINY.n_layers):
         feed[f"past_key_values.{i}.key"] = past[2 * i]
@@ -66,7 +68,8 @@ def test_token_by_token_with_the_cache_equals_a_full_pass(exported) -> None:
     np.testing.assert_allclose(outputs[0], full[:, :prefix], atol=1e-4)
     past = outputs[1:]
     for position in range(prefix, 10):
-        step = run(session, tokens[:, position : position + 1], np.ones((1, position + 1), np.int64), np.array([[position]]), past)
+        step_mask = np.ones((1, position + 1), np.int64)
+        step = run(session, tokens[:, position : position + 1], step_mask, np.array([[position]]), past)
         np.testing.assert_allclose(step[0][:, 0], full[:, position], atol=1e-4)
         past = step[1:]
 
@@ -80,14 +83,16 @@ def test_left_padded_row_equals_the_row_alone(exported) -> None:
     mask = np.array([[1] * len(long), [0] * pad + [1] * len(short)], np.int64)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     batch = run(session, ids, mask, positions, empty_past(2))
-    alone = run(session, np.array([short]), np.ones((1, len(short)), np.int64), np.arange(len(short))[None], empty_past(1))
+    alone_mask = np.ones((1, len(short)), np.int64)
+    alone = run(session, np.array([short]), alone_mask, np.arange(len(short))[None], empty_past(1))
     np.testing.assert_allclose(batch[0][1, pad:], alone[0][0], atol=1e-4)
     # One decode step on the padded batch still matches the row alone.
     next_ids = np.array([[32], [32]], np.int64)
     step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     step_positions = positions[:, -1:] + 1
     batch_step = run(session, next_ids, step_mask, step_positions, batch[1:])
-    alone_step = run(session, np.array([[32]]), np.ones((1, len(short) + 1), np.int64), np.array([[len(short)]]), alone[1:])
+    alone_step_mask = np.ones((1, len(short) + 1), np.int64)
+    alone_step = run(session, np.array([[32]]), alone_step_mask, np.array([[len(short)]]), alone[1:])
     np.testing.assert_allclose(batch_step[0][1], alone_step[0][0], atol=1e-4)
 
 

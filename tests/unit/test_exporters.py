@@ -48,7 +48,8 @@ def test_shape_mismatch_is_reported_apart(tmp_path: Path) -> None:
 
 
 def test_export_writes_model_and_config_with_dynamic_batch(tmp_path: Path) -> None:
-    model_dir = export_torch(TwoLayer(), (torch.zeros(2, 5),), ExportSpec(["x"], ["y"], max_batch_size=16), tmp_path, "mlp")
+    spec = ExportSpec(["x"], ["y"], max_batch_size=16)
+    model_dir = export_torch(TwoLayer(), (torch.zeros(2, 5),), spec, tmp_path, "mlp")
     graph = onnx.load(model_dir / "1" / "model.onnx").graph
     for value in [*graph.input, *graph.output]:
         first = value.type.tensor_type.shape.dim[0]

@@ -49,7 +49,10 @@ def test_the_three_config_formats_read_the_same() -> None:
     assert configs[0].dynamic_batching.preferred_batch_size == [4, 8]
 
 
-@pytest.mark.parametrize("text, suffix", [("max_batch_size: oops", ".pbtxt"), ("no_such_field: 1", ".pbtxt"), ("[1, 2]", ".yaml"), ("{", ".json")])
+@pytest.mark.parametrize(
+    "text, suffix",
+    [("max_batch_size: oops", ".pbtxt"), ("no_such_field: 1", ".pbtxt"), ("[1, 2]", ".yaml"), ("{", ".json")],
+)
 def test_bad_configs_name_the_problem(text: str, suffix: str) -> None:
     with pytest.raises(ModelLoadError, match="config"):
         parse_config(text, suffix)
@@ -166,7 +169,9 @@ def test_ascii_decimal_versions_parse(text: str) -> None:
     assert parse_version(text) == int(text)
 
 
-@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "1\u0661", "-1", "+1", " 1", "1.0", "", "9223372036854775808", "9" * 5000])
+@pytest.mark.parametrize(
+    "text", ["\u00b2", "\u0661", "1\u0661", "-1", "+1", " 1", "1.0", "", "9223372036854775808", "9" * 5000]
+)
 def test_anything_else_is_not_a_version(text: str) -> None:
     assert parse_version(text) is None
 
@@ -177,7 +182,9 @@ def test_version_folders_with_non_ascii_digits_are_not_versions(repo: ModelRepos
     assert repo.scan_versions("ident", "model.onnx") == ({1: repo.root / "ident" / "1"}, {})
 
 
-def test_symlinks_out_of_the_model_directory_are_refused_and_inside_allowed(repo: ModelRepository, tmp_path: Path) -> None:
+def test_symlinks_out_of_the_model_directory_are_refused_and_inside_allowed(
+    repo: ModelRepository, tmp_path: Path
+) -> None:
     outside = tmp_path / "outside"
     shutil.copytree(repo.root / "ident" / "1", outside)
     ident = repo.root / "ident"
@@ -225,7 +232,9 @@ def test_fingerprint_follows_symlinked_version_folders(repo: ModelRepository, tm
     assert repo.fingerprint("ident") != middle
 
 
-def test_an_abandoned_load_stops_between_instances_and_closes_them(repo: ModelRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_abandoned_load_stops_between_instances_and_closes_them(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
 
     from server.repository import loader
@@ -318,7 +327,8 @@ async def test_an_ensemble_that_reaches_itself_at_run_time_stops_at_the_depth_bo
         calls.append(name)
         return looping
 
-    looping = EnsembleModel("loop", 1, ModelSignature(spec, out, 8), [EnsembleStep("loop", -1, {"x": "x"}, {"y": "y"})], lookup, None)
+    steps = [EnsembleStep("loop", -1, {"x": "x"}, {"y": "y"})]
+    looping = EnsembleModel("loop", 1, ModelSignature(spec, out, 8), steps, lookup, None)
     request = InferRequest("loop", inputs=[InputTensor("x", "FP32", (1, 2), np.zeros((1, 2), np.float32))])
     with pytest.raises(ModelNotReadyError, match=f"nested more than {MAX_ENSEMBLE_DEPTH}"):
         await looping.infer(request)
