@@ -4,66 +4,20 @@ Examples:
     python clients/generate.py "def fibonacci(n):"
     python clients/generate.py --temperature 0.8 --top-k 40 --seed 1 --max-tokens 120 "import "
     python clients/generate.py --stop "\\n\\n" "class Stack:"
+
+A thin wrapper: the client is the stand-alone package in clients/python (`pip install clients/python`, then
+`python -m ortserve_client.generate`). Run from a checkout, it uses that package's code without installing it.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-import grpc
+# The checkout's package first, so that this script always runs the code next to it.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "python"))
 
-from server.rpc.pb import text_generation_pb2 as gen_pb
-from server.rpc.pb import text_generation_pb2_grpc as gen_grpc
-
-
-def build_request(args: argparse.Namespace) -> gen_pb.GenerateRequest:
-    request = gen_pb.GenerateRequest(
-        model=args.model, model_version=args.model_version, prompt=args.prompt, max_tokens=args.max_tokens,
-        top_k=args.top_k, stop=[s.encode().decode("unicode_escape") for s in args.stop], ignore_eos=args.ignore_eos,
-    )
-    for name in ("temperature", "top_p", "repetition_penalty", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(request, name, value)
-    return request
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt")
-    parser.add_argument("--url", default="127.0.0.1:8001")
-    parser.add_argument("--model", default="bytes_decoder")
-    parser.add_argument("--model-version", default="")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, help="0 is greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n escapes work)")
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--timeout-s", type=float, default=120.0)
-    args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.url) as channel:
-        stub = gen_grpc.TextGenerationStub(channel)
-        sys.stdout.write(args.prompt)
-        try:
-            for response in stub.Generate(build_request(args), timeout=args.timeout_s):
-                sys.stdout.write(response.text)
-                sys.stdout.flush()
-                if response.finish_reason:
-                    print(
-                        f"\n[finish: {response.finish_reason}; prompt {response.prompt_tokens} tokens, "
-                        f"completion {response.completion_tokens} tokens]",
-                        file=sys.stderr,
-                    )
-        except grpc.RpcError as exc:
-            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print()
-    return 0
-
+from ortserve_client.generate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,147 +5,20 @@ Examples:
     python clients/predict.py --image clients/samples/digit_3.png --top-k 3
     python clients/predict.py --model my_model --npy input.npy
     python clients/predict.py --model my_model --json '{"x": [[1, 2, 3]]}'
+
+A thin wrapper: the client is the stand-alone package in clients/python (`pip install clients/python`, then
+`python -m ortserve_client.predict`). Run from a checkout, it uses that package's code without installing it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-import grpc
-import numpy as np
+# The checkout's package first, so that this script always runs the code next to it.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "python"))
 
-from server.core import datatypes
-from server.rpc import tensor_codec
-from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
-
-SAMPLE_IMAGE = Path(__file__).resolve().parent / "samples" / "digit_7.png"
-
-
-def image_to_array(path: Path, height: int, width: int, pixel_max: float) -> np.ndarray:
-    """A grayscale image as float32 [1, H, W] in [0, pixel_max], bright digit on dark.
-
-    Scans are usually dark ink on white paper, while the digits data is the other way
-    round, so a mostly-bright image is inverted.
-    """
-    from PIL import Image
-
-    image = Image.open(path).convert("L").resize((width, height), Image.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    if pixels.mean() > 0.5:
-        pixels = 1.0 - pixels
-    return (pixels * pixel_max)[None, :, :].astype(np.float32)
-
-
-def _inputs_from_args(args: argparse.Namespace, metadata: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
-    if args.json is not None:
-        value = json.loads(args.json)
-        if isinstance(value, dict):
-            return {name: np.asarray(v) for name, v in value.items()}
-        return {metadata.inputs[0].name: np.asarray(value)}
-    if args.npy is not None:
-        loaded = np.load(args.npy, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            return {name: loaded[name] for name in loaded.files}
-        return {metadata.inputs[0].name: loaded}
-    image = args.image or SAMPLE_IMAGE
-    spec = metadata.inputs[0]
-    height, width = int(spec.shape[-2]), int(spec.shape[-1])
-    if spec.datatype == "UINT8":
-        # A model that takes raw pixels does its own preprocessing (for example digits_pipeline).
-        from PIL import Image
-
-        pixels = np.asarray(Image.open(image).convert("L").resize((width, height), Image.BILINEAR), dtype=np.uint8)
-        return {spec.name: pixels}
-    array = image_to_array(image, height, width, args.pixel_max)
-    # Match the model's rank: [1, H, W] is [C, H, W]; drop C for [H, W] models.
-    rank = len(spec.shape) - (1 if spec.shape and spec.shape[0] == -1 else 0)
-    while array.ndim > rank:
-        array = array[0]
-    return {spec.name: array}
-
-
-def build_request(
-    model: str, version: str, inputs: dict[str, np.ndarray], metadata: pb.ModelMetadataResponse,
-    output: str | None, top_k: int,
-) -> pb.ModelInferRequest:
-    """A ModelInferRequest with raw contents; adds the batch dimension when the model batches."""
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    specs = {t.name: t for t in metadata.inputs}
-    for name, array in inputs.items():
-        spec = specs.get(name)
-        if spec is not None:
-            dtype = datatypes.BY_NAME[spec.datatype]
-            array = np.asarray(array, dtype=dtype.numpy_dtype if spec.datatype != "BYTES" else object)
-            if spec.shape and spec.shape[0] == -1 and array.ndim == len(spec.shape) - 1:
-                array = array[None, ...]
-            datatype = spec.datatype
-        else:
-            datatype = datatypes.from_numpy(array.dtype).name
-        if datatype == "BYTES":
-            array = np.vectorize(lambda v: v if isinstance(v, bytes) else str(v).encode(), otypes=[object])(array)
-        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(tensor_codec.encode_raw(array, datatype))
-    if output or top_k:
-        requested = request.outputs.add(name=output or metadata.outputs[0].name)
-        if top_k:
-            requested.parameters["classification"].int64_param = top_k
-    return request
-
-
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Response outputs as numpy arrays (raw or typed contents)."""
-    out = {}
-    for index, tensor in enumerate(response.outputs):
-        shape = tuple(tensor.shape)
-        if response.raw_output_contents:
-            out[tensor.name] = tensor_codec.decode_raw(response.raw_output_contents[index], tensor.datatype, shape, tensor.name)
-        else:
-            out[tensor.name] = tensor_codec.decode_typed(tensor.contents, tensor.datatype, shape, tensor.name)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="server address host:port")
-    parser.add_argument("--model", default="digits")
-    parser.add_argument("--model-version", default="")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--image", type=Path, help="image file (for image models such as digits)")
-    source.add_argument("--npy", type=Path, help=".npy file (first input) or .npz (inputs by name)")
-    source.add_argument("--json", help="JSON values for the first input, or an object of input name -> values")
-    parser.add_argument("--pixel-max", type=float, default=16.0, help="image pixel scale (digits: 16)")
-    parser.add_argument("--output", help="output to return (default: all, or the first with --top-k)")
-    parser.add_argument("--top-k", type=int, default=None, help="print the k best classes (default 3 for images)")
-    parser.add_argument("--timeout-s", type=float, default=30.0)
-    args = parser.parse_args(argv)
-    top_k = args.top_k if args.top_k is not None else (3 if args.npy is None and args.json is None else 0)
-    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
-    with grpc.insecure_channel(args.url, options=options) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            metadata = stub.ModelMetadata(
-                pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout_s
-            )
-            inputs = _inputs_from_args(args, metadata)
-            request = build_request(args.model, args.model_version, inputs, metadata, args.output, top_k)
-            response = stub.ModelInfer(request, timeout=args.timeout_s)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    for name, value in decode_outputs(response).items():
-        if top_k:
-            print(f"{name} (top {top_k}: score:index:label)")
-            for row in np.atleast_2d(value):
-                print("  " + "  ".join(v.decode() for v in row))
-        else:
-            print(f"{name} {value.dtype} {list(value.shape)}")
-            print(np.array2string(value, threshold=200))
-    return 0
-
+from ortserve_client.predict import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,16 @@ else
     $PIP install --quiet -e ".[export,dev]"
     # The test suite runs a short genai-perf profile against the server.
     bash bench/setup_genai_perf.sh
+    # The Node.js client (clients/node; tests/test_node_client.py runs it): its locked dependencies, installed
+    # again only when node_modules is missing or older than the lock file.
+    if ! command -v npm >/dev/null; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    if [ ! -d clients/node/node_modules ] || [ clients/node/package-lock.json -nt clients/node/node_modules ]; then
+        (cd clients/node && npm ci --loglevel=error --no-audit --no-fund >/dev/null)
+    fi
     # tests/test_prometheus.py runs Debian's prometheus and promtool (it starts its own Prometheus).
     if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
