@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
@@ -106,13 +106,6 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise InvalidInputError(f"{name} must be an integer in [{low}, {high}], got {quoted(value)}")
 
 
-class UniformSource(Protocol):
-    """A stream's own random generator: random.Random (what the scheduler uses: a draw
-    costs 70 ns against 1 us for numpy's Generator) or numpy.random.Generator."""
-
-    def random(self) -> float: ...
-
-
 @dataclass(frozen=True)
 class SamplingColumns:
     """The sampling settings of a batch's rows, one list per setting: what one draw takes.
@@ -138,10 +131,6 @@ class SamplingColumns:
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         )
 
-    def uniforms(self, rngs: Sequence[UniformSource]) -> list[float]:
-        """One number in [0, 1) from each sampled row's own generator (0 for greedy rows)."""
-        return [rng.random() if sampled else 0.0 for sampled, rng in zip(self.sampled, rngs)]
-
 
 def draw(
     logits: np.ndarray,
@@ -157,7 +146,8 @@ def draw(
         logits: Scores, one row per stream, [batch, vocabulary].
         columns: Each row's sampling settings.
         seen: Each row's prompt and output ids so far (read only for a repetition penalty).
-        uniforms: Each row's number in [0, 1) (SamplingColumns.uniforms), used by sampled rows.
+        uniforms: Each row's number in [0, 1) from its own generator, used by sampled rows (the
+            scheduler draws one per sampled row per step; greedy rows' numbers are not read).
         allowed: Per row, ids >= this are never chosen (special tokens such as BOS, or EOS
             before min_tokens).
         compiled: Use the compiled draw (server/core/_sampling.c) when it was built; the
@@ -178,19 +168,6 @@ def draw(
             uniforms,
         )
     return _draw_numpy(logits, columns, seen, uniforms, allowed)
-
-
-def sample_batch(
-    logits: np.ndarray,
-    params: Sequence[SamplingParams],
-    seen: Sequence[Sequence[int]],
-    rngs: Sequence[UniformSource],
-    allowed: Sequence[int],
-    compiled: bool = True,
-) -> list[int]:
-    """draw() for rows given as SamplingParams and generators."""
-    columns = SamplingColumns.of(params)
-    return draw(logits, columns, seen, columns.uniforms(rngs), allowed, compiled)
 
 
 def _draw_numpy(
@@ -255,13 +232,6 @@ def _draw_numpy(
         return picks.tolist()  # type: ignore[no-any-return]
     chosen[rows] = picks
     return chosen.tolist()  # type: ignore[no-any-return]
-
-
-def sample_next(
-    logits: np.ndarray, params: SamplingParams, seen: Sequence[int], rng: UniformSource, allowed: int
-) -> int:
-    """Chooses the next token from one row of logits (sample_batch for a batch of one)."""
-    return sample_batch(logits[None, :], [params], [seen], [rng], [allowed])[0]
 
 
 class StopMatcher:
@@ -342,3 +312,18 @@ class StopMatcher:
         self._pending.clear()
         self._state = 0
         return out
+
+
+# Transitional (issue 17): the test-only wrappers sample_batch and sample_next moved to
+# tests/sampling_helpers.py; tests/unit/test_generation.py still imports them from here until it
+# is switched over. Resolved lazily so the served package never imports tests/ on its own.
+# Remove once nothing imports them from server.core.sampling.
+_MOVED_TO_TESTS = ("sample_batch", "sample_next")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_TESTS:
+        from tests import sampling_helpers
+
+        return getattr(sampling_helpers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

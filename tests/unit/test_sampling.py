@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 
 from server.core import sampling
-from server.core.sampling import SamplingParams, sample_batch
+from server.core.sampling import SamplingParams
+from tests.sampling_helpers import sample_batch
 
 
 def test_the_compiled_draw_is_built() -> None:
@@ -40,8 +41,10 @@ def test_compiled_and_numpy_draws_choose_the_same_tokens() -> None:
     for _ in range(600):
         logits, params, seen, allowed = _random_case(gen)
         seeds = gen.integers(0, 2**31, size=len(params))
-        compiled = sample_batch(logits, params, seen, [np.random.default_rng(s) for s in seeds], allowed)
-        reference = sample_batch(logits, params, seen, [np.random.default_rng(s) for s in seeds], allowed, compiled=False)
+        rngs = [np.random.default_rng(s) for s in seeds]
+        fresh = [np.random.default_rng(s) for s in seeds]  # the same draws again, for the reference
+        compiled = sample_batch(logits, params, seen, rngs, allowed)
+        reference = sample_batch(logits, params, seen, fresh, allowed, compiled=False)
         assert compiled == reference
         rows += len(params)
     assert rows > 10_000
@@ -65,7 +68,8 @@ def test_compiled_draw_on_broken_logits_matches_numpy() -> None:
         ]
         seeds = gen.integers(0, 1000, 5)
         compiled = sample_batch(logits, params, [()] * 5, [np.random.default_rng(s) for s in seeds], [30] * 5)
-        reference = sample_batch(logits, params, [()] * 5, [np.random.default_rng(s) for s in seeds], [30] * 5, compiled=False)
+        fresh = [np.random.default_rng(s) for s in seeds]
+        reference = sample_batch(logits, params, [()] * 5, fresh, [30] * 5, compiled=False)
         assert compiled == reference
         assert all(0 <= token < 30 for token in compiled)
 
@@ -94,7 +98,8 @@ def test_bounds_of_every_setting() -> None:
     from server.core.errors import InvalidInputError
 
     for bad in [
-        dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=100.5), dict(temperature=-1e-9),
+        dict(temperature=float("nan")), dict(temperature=float("inf")),
+        dict(temperature=100.5), dict(temperature=-1e-9),
         dict(repetition_penalty=float("nan")), dict(repetition_penalty=0.0), dict(repetition_penalty=1e9),
         dict(top_p=float("nan")), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-1), dict(top_k=2**31),
         dict(max_tokens=0), dict(max_tokens=2**31), dict(min_tokens=65), dict(seed=2**64), dict(seed=-1),
@@ -113,7 +118,8 @@ def test_bounds_of_every_setting() -> None:
 def test_tiny_temperatures_are_greedy_in_both_draws() -> None:
     logits = np.array([[1.0, 3.0, 2.9, -1.0, 0.5]], np.float32) * 1e3
     for compiled in (True, False):
-        picks = sample_batch(logits, [SamplingParams(temperature=1e-300)], [[]], [np.random.default_rng(0)], [5], compiled)
+        tiny = [SamplingParams(temperature=1e-300)]
+        picks = sample_batch(logits, tiny, [[]], [np.random.default_rng(0)], [5], compiled)
         assert picks == [1]
 
 
