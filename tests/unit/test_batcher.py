@@ -10,7 +10,7 @@ import pytest
 from server.core.batcher import QueuePolicy, Scheduler, SchedulerConfig
 from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError
 from server.core.statistics import ModelStats
-from server.runtime.fake import FakeRuntime
+from tests.fake_runtime import FakeRuntime
 
 
 def make(config: SchedulerConfig, runtime: FakeRuntime, instances: int = 1) -> Scheduler:
@@ -57,7 +57,7 @@ async def test_requests_are_merged_and_split_back() -> None:
     runtime.release()
     results = await pending
     await first
-    for i, (size, y) in enumerate(zip(sizes, results)):
+    for i, (size, y) in enumerate(zip(sizes, results, strict=True)):
         assert y.shape == (size, 3)
         np.testing.assert_array_equal(y, np.full((size, 3), 2.0 * i, np.float32))
     merged = [len(run) for run in runtime.runs[1:]]
@@ -116,7 +116,9 @@ async def test_queue_delay_waits_for_company() -> None:
 
 async def test_preferred_batch_size_dispatches_without_waiting_out_the_delay() -> None:
     runtime = FakeRuntime()
-    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=30_000_000, preferred_batch_sizes=(4,))
+    config = SchedulerConfig(
+        max_batch_size=8, dynamic_batching=True, max_queue_delay_us=30_000_000, preferred_batch_sizes=(4,)
+    )
     scheduler = make(config, runtime)
     results = await asyncio.wait_for(asyncio.gather(*(submit(scheduler, float(i)) for i in range(4))), timeout=10)
     assert len(results) == 4

@@ -1,4 +1,7 @@
-"""A deterministic in-memory runtime for scheduler tests: y = 2 * x, with a log of every run."""
+"""A deterministic in-memory runtime for the scheduler's unit tests: y = 2 * x, with a log of every run.
+
+Test-only (tests/unit/test_batcher.py), so it lives with the tests rather than in the served package.
+"""
 
 from __future__ import annotations
 
