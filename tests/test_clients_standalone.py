@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def test_generated_modules_are_up_to_date_with_protos(tmp_path: Path) -> None:
     assert sorted(committed) == sorted(fresh), "run: .venv/bin/python clients/python/gen_stubs.py"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale {stale}; run: .venv/bin/python clients/python/gen_stubs.py"
+
+
+def test_client_package_passes_mypy_strict() -> None:
+    # clients/python/pyproject.toml [tool.mypy]: strict, the generated modules checked through their stubs.
+    command = [sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", os.devnull]
+    result = subprocess.run(
+        [*command, "ortserve_client", "gen_stubs.py"], cwd=PACKAGE, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_bytes_travel_with_a_four_byte_little_endian_length() -> None:

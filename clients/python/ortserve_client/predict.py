@@ -39,7 +39,7 @@ def _open_gray(path: Path, height: int, width: int) -> Any:
         from PIL import Image
     except ImportError:
         raise SystemExit("reading images needs Pillow: pip install 'ortserve-client[images]'") from None
-    return Image.open(path).convert("L").resize((width, height), Image.BOX)
+    return Image.open(path).convert("L").resize((width, height), Image.Resampling.BOX)
 
 
 def image_to_array(path: Path, height: int, width: int, pixel_max: float) -> np.ndarray:
