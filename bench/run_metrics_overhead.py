@@ -248,7 +248,7 @@ class Results:
     scrape_failures: int = 0
 
     def ratio(self, top: str, bottom: str, key: str) -> list[float]:
-        return [t[key] / b[key] for t, b in zip(self.runs[top], self.runs[bottom])]
+        return [t[key] / b[key] for t, b in zip(self.runs[top], self.runs[bottom], strict=True)]
 
 
 def measure_rounds(servers: dict[str, Server], args: argparse.Namespace) -> Results:

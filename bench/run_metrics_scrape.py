@@ -5,7 +5,8 @@ Builds a repository of `--models` copies of bench/models.py's MLP (`mlp_00`, `ml
 hard-linked, and the same config under each name), starts ortserve on it for each `--workers` setting, sends
 `--requests` KServe requests per model over HTTP and as many over gRPC (so every model has counts and latency
 histograms in both front ends, spread over the workers), then times `--scrapes` sequential GETs of /metrics on
-the metrics port over one keep-alive connection. Prints p50/p95/max in ms and the exposition's size, and runs
+the metrics port over one keep-alive connection. Prints p50/p95/max in ms, the server's CPU time per scrape (all
+its processes), and the exposition's size, and runs
 `promtool check metrics` on one exposition when promtool is installed.
 """
 
@@ -26,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from run_batching import OUT, PYTHON, ROOT  # noqa: E402
-from run_metrics_overhead import Server, http_get, start_server, stop_server  # noqa: E402
+from run_metrics_overhead import Server, group_cpu_s, http_get, start_server, stop_server  # noqa: E402
 
 
 def build_repository(source: Path, target: Path, count: int) -> list[str]:
@@ -130,18 +131,22 @@ def main() -> None:
             wait_ready(server, names)
             send_requests(server, names, args.requests)
             assert server.metrics_port is not None
+            cpu_s = group_cpu_s(server.process.pid)
             durations, body = time_scrapes(server.metrics_port, args.scrapes)
+            # The server's own CPU per scrape (all its processes): steadier than the wall time on a busy machine.
+            cpu_ms = (group_cpu_s(server.process.pid) - cpu_s) / len(durations) * 1000
         finally:
             stop_server(server.process)
         series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
         rows.append(f"| {workers} | {args.models} | {len(durations)} | {statistics.median(durations):.2f} | "
-                    f"{percentile(durations, 0.95):.2f} | {max(durations):.2f} | {len(body):,} | {series:,} |")
+                    f"{percentile(durations, 0.95):.2f} | {max(durations):.2f} | {cpu_ms:.1f} | {len(body):,} | "
+                    f"{series:,} |")
         print(f"--workers {workers}: p50 {statistics.median(durations):.2f} ms, done", flush=True)
         if workers == args.workers[0]:
             (OUT / f"metrics_{args.models}_models.txt").write_bytes(body)
             print(f"promtool check metrics (--workers {workers}): {promtool_check(body)}", flush=True)
-    print("\n| workers | models | scrapes | p50 ms | p95 ms | max ms | bytes | samples |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| workers | models | scrapes | p50 ms | p95 ms | max ms | server CPU ms/scrape | bytes | samples |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 
