@@ -57,3 +57,39 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+# The most characters of an error message sent to a client, whatever the front end. gRPC sends it
+# in the grpc-message trailer, and past the peer's metadata limit (16 KiB by default) the client
+# sees RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of the real error; HTTP keeps
+# the same cap so that both front ends answer the same text. Messages quote client text through
+# quoted(); this cap holds whatever any layer puts in one.
+MAX_MESSAGE_CHARS = 2000
+_CUT_MARKER = " ... (message cut)"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to at most `limit` characters, with a marker when it was longer."""
+    if len(message) <= limit:
+        return message
+    return message[: limit - len(_CUT_MARKER)] + _CUT_MARKER
+
+
+# A library's error (ONNX Runtime, onnx) relayed in a ServerError keeps only its first line, at most
+# this many characters: those messages run to pages and name internal paths, and the first line says
+# what failed. One length for every relay (it was 200 for runs and warm-ups, 300 for session
+# creation): 200 leaves room for the server's own prefix in a RepositoryIndex reason or a status
+# message that stays short enough to read in one line of a log or a client's exception.
+FIRST_LINE_CHARS = 200
+
+
+def first_line(exc: BaseException, limit: int = FIRST_LINE_CHARS, empty: str = "") -> str:
+    """The first line of an exception's message, cut to `limit` characters.
+
+    Args:
+        exc: The library's exception.
+        limit: Most characters kept.
+        empty: What to say when the message is empty; the exception's class name by default.
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else (empty or type(exc).__name__)

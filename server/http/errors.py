@@ -11,6 +11,10 @@ import logging
 
 from server.core import errors
 
+# Re-exported: server/http/app.py bounds the framework's own error details with the same cap.
+from server.core.errors import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS
+from server.core.errors import bounded as bounded
+
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[BaseException], int] = {
@@ -27,17 +31,6 @@ STATUS_BY_ERROR: dict[type[BaseException], int] = {
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-# The most characters of an error message sent to a client: messages quote client text
-# through errors.quoted(), and this caps whatever any layer puts in one.
-MAX_MESSAGE_CHARS = 2000
-_CUT_MARKER = " ... (message cut)"
-
-
-def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`message` cut to at most `limit` characters, with a marker when it was longer."""
-    if len(message) <= limit:
-        return message
-    return message[: limit - len(_CUT_MARKER)] + _CUT_MARKER
 
 
 def status_for(exc: BaseException) -> tuple[int, str]:

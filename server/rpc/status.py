@@ -13,6 +13,10 @@ import grpc
 
 from server.core import errors
 
+# Re-exported: status messages are cut to this cap (tests read it from here).
+from server.core.errors import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS
+from server.core.errors import bounded as bounded
+
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
@@ -30,13 +34,6 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
-# The most characters of a status message sent to a client. The message travels in the
-# grpc-message trailer; past the peer's metadata limit (16 KiB by default) the client sees
-# RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of the real error. Messages
-# quote client text through errors.quoted(); this cap holds whatever any layer puts in one.
-MAX_MESSAGE_CHARS = 2000
-_CUT_MARKER = " ... (message cut)"
-
 
 @dataclass(frozen=True)
 class MalformedRequest:
@@ -52,13 +49,6 @@ def check_parsed(request: Any) -> None:
         raise errors.InvalidInputError(
             f"request body is not a valid {request.type_name}: {bounded(request.reason, 200)}"
         )
-
-
-def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`message` cut to at most `limit` characters, with a marker when it was longer."""
-    if len(message) <= limit:
-        return message
-    return message[: limit - len(_CUT_MARKER)] + _CUT_MARKER
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

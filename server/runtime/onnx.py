@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.core import datatypes
-from server.core.errors import InvalidInputError, ModelLoadError
+from server.core.errors import InvalidInputError, ModelLoadError, first_line
 from server.runtime.base import GraphTensor, Runtime
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class OnnxRuntimeSession(Runtime):
                 model_bytes, sess_options=so, providers=requested, provider_options=provider_options
             )
         except Exception as exc:  # ORT raises its own exception types for bad graphs
-            raise ModelLoadError(f"ONNX Runtime could not create a session: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"ONNX Runtime could not create a session: {first_line(exc)}") from exc
         self._providers = list(self._session.get_providers())
         missing = [p for p in requested if p not in self._providers]
         if missing:
@@ -176,8 +176,3 @@ def _str_to_bytes(arr: np.ndarray) -> np.ndarray:
     for i, item in enumerate(flat_in):
         flat_out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
