@@ -28,11 +28,16 @@ from server.core.errors import (
     ModelRunError,
     QueueFullError,
     ServerError,
+    first_line,
 )
 from server.core.statistics import ModelStats
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
+
+# Queued requests per model version whatever the config says: bounds memory. Defined once, here,
+# beside the queue it bounds; the loader gives it to every model it builds.
+HARD_QUEUE_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,18 @@ class SchedulerConfig:
     default_priority_level: int = 0
     default_policy: QueuePolicy = QueuePolicy()
     priority_policies: dict[int, QueuePolicy] = field(default_factory=dict)
-    hard_queue_limit: int = 10_000
+    hard_queue_limit: int = HARD_QUEUE_LIMIT
 
     def policy(self, level: int) -> QueuePolicy:
         return self.priority_policies.get(level, self.default_policy)
+
+
+# What requests must share to run together (see _batch_key): each input's non-batch shape, then the outputs.
+BatchKey = tuple[object, ...]
+# Called on the event loop when a run ends: (results, inference ns, error); results is None on error.
+RunDone = Callable[[list[np.ndarray] | None, int, BaseException | None], None]
+# One batch for an instance's thread: the loop to answer on, the feed, the outputs wanted, the callback.
+_Job = tuple[asyncio.AbstractEventLoop, dict[str, np.ndarray], Sequence[str], RunDone]
 
 
 @dataclass(eq=False)
@@ -90,7 +103,7 @@ class PendingRequest:
     batch_size: int
     output_names: tuple[str, ...]
     level: int
-    key: tuple
+    key: BatchKey
     enqueued_ns: int
     future: asyncio.Future[list[np.ndarray]]
     timer: asyncio.TimerHandle | None = None
@@ -107,11 +120,13 @@ class InstanceThread:
 
     def __init__(self, runtime: Runtime, name: str) -> None:
         self.runtime = runtime
-        self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, loop: asyncio.AbstractEventLoop, feed: dict[str, np.ndarray], names: Sequence[str], done: Callable) -> None:
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, feed: dict[str, np.ndarray], names: Sequence[str], done: RunDone
+    ) -> None:
         """Runs the batch on this instance's thread; `done(results, infer_ns, error)` is called on the loop."""
         self._jobs.put((loop, feed, names, done))
 
@@ -387,8 +402,7 @@ def run_instance(instance: Runtime, feed: dict[str, np.ndarray], names: Sequence
     except Exception as exc:
         # ONNX Runtime's own messages can be long and name internal paths: log, keep it short.
         logger.exception("model run failed")
-        text = str(exc).strip()
-        raise ModelRunError(text.splitlines()[0][:200] if text else "model run failed") from exc
+        raise ModelRunError(first_line(exc, empty="model run failed")) from exc
     return results, time.perf_counter_ns() - start
 
 
@@ -399,6 +413,6 @@ def _queue_timeout_s(policy: QueuePolicy, request_timeout_us: int) -> float | No
     return timeout_us / 1e6 if timeout_us > 0 else None
 
 
-def _batch_key(inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> tuple:
+def _batch_key(inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> BatchKey:
     """Requests share a run only with equal non-batch shapes and the same outputs."""
     return tuple((name, inputs[name].shape[1:]) for name in sorted(inputs)) + (tuple(output_names),)

@@ -14,12 +14,13 @@ import onnx
 from onnx import external_data_helper
 
 from server.core import bytes_codec, datatypes
-from server.core.errors import ModelLoadError
+from server.core.batcher import HARD_QUEUE_LIMIT
+from server.core.errors import ModelLoadError, first_line
 from server.core.generation import GenerationScheduler
-from server.core.types import TensorSpec
-from server.runtime.base import Runtime
 from server.core.model import Model, ModelSignature, to_model_shape
+from server.core.types import TensorSpec
 from server.repository import config as model_config
+from server.repository.ensembles import is_ensemble
 from server.repository.repository import (
     DEFAULT_MODEL_FILENAME,
     LoadAbandonedError,
@@ -28,12 +29,10 @@ from server.repository.repository import (
 )
 from server.runtime import gate
 from server.runtime import onnx as ort_runtime
+from server.runtime.base import Runtime
 from server.schema import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
-
-# Queued requests per model version whatever the config says: bounds memory.
-HARD_QUEUE_LIMIT = 10_000
 
 
 def select_versions(policy: mc.ModelVersionPolicy, available: list[int]) -> list[int]:
@@ -85,7 +84,7 @@ def load_model(
         config.name = name
     else:
         config = repository.read_config(name)
-    if config.platform == "ensemble" or config.HasField("ensemble_scheduling"):
+    if is_ensemble(config):
         raise ModelLoadError("an ensemble is loaded by the registry, not as an ONNX model")
     if config.platform not in ("", model_config.ONNX_PLATFORM) or config.backend not in ("", model_config.ONNX_BACKEND):
         raise ModelLoadError(
@@ -315,4 +314,4 @@ def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: Sequen
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"warm-up '{sample.name}' failed: {str(exc).strip().splitlines()[0][:200]}") from exc
+            raise ModelLoadError(f"warm-up '{sample.name}' failed: {first_line(exc)}") from exc

@@ -8,9 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
-from server.core.ensemble import ENSEMBLE_PLATFORM, MAX_ENSEMBLE_DEPTH, EnsembleModel, EnsembleStep, check_graph
+from server.core.ensemble import MAX_ENSEMBLE_DEPTH, EnsembleModel
 from server.core.errors import (
     InvalidInputError,
     ModelLoadError,
@@ -19,13 +18,13 @@ from server.core.errors import (
     ServerError,
     quoted,
 )
-from server.core.model import Model, ModelSignature
-from server.repository import config as model_config
+from server.core.model import Model
+from server.repository.ensembles import ServedModel, StepNotReadyError, build_ensemble, check_steps, is_ensemble
 from server.repository.loader import load_model
 from server.repository.repository import (
     MAX_VERSION,
-    ModelRepository,
     VALID_MODEL_NAME,
+    ModelRepository,
     VersionLoadError,
     parse_version,
 )
@@ -38,7 +37,8 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 
-ServedModel = Union[Model, EnsembleModel]
+# What a model's files looked like at a load (ModelRepository.fingerprint); poll mode reloads on a change.
+Fingerprint = tuple[tuple[str, str, int, int], ...]
 # How long a replaced version may take to finish the requests it admitted.
 DRAIN_TIMEOUT_S = 120.0
 
@@ -67,8 +67,13 @@ class ModelEntry:
     reloading: bool = False
     reload_error: str = ""
     failed_version: int | None = None
-    fingerprint: tuple = ()
+    fingerprint: Fingerprint = ()
     waits_for: tuple[str, ...] = ()
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests can get one of its versions now."""
+        return self.state == READY and bool(self.versions)
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,9 @@ class IndexEntry:
     reason: str
 
 
-def fingerprint(repository: ModelRepository, name: str) -> tuple:
+def fingerprint(repository: ModelRepository, name: str) -> Fingerprint:
     """What a model's files look like (ModelRepository.fingerprint): changes mean reload."""
     return repository.fingerprint(name)
-
-
-class StepNotReadyError(ModelLoadError):
-    """An ensemble step names a model that is not loaded and ready; `models` says which."""
-
-    def __init__(self, message: str, models: tuple[str, ...]) -> None:
-        super().__init__(message)
-        self.models = models
 
 
 class ModelRegistry:
@@ -150,7 +147,7 @@ class ModelRegistry:
                 config = self.repository.read_config(name)
             except ServerError:
                 config = None
-            if config is not None and (config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling")):
+            if config is not None and is_ensemble(config):
                 steps[name] = {s.model_name for s in config.ensemble_scheduling.step}
             else:
                 plain.append(name)
@@ -178,7 +175,7 @@ class ModelRegistry:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             previous = self._entries.get(name)
-            serving = previous if previous is not None and previous.state == READY and previous.versions else None
+            serving = previous if previous is not None and previous.serving else None
             if serving is not None:
                 serving.reloading = True
             else:
@@ -200,7 +197,7 @@ class ModelRegistry:
                         if isinstance(model, EnsembleModel):
                             # On the event loop with no await before the swap below: no other
                             # load can change the ensembles between this check and the swap.
-                            self._check_ensemble(model)
+                            check_steps(model, self._entries)
                 except BaseException:
                     await asyncio.to_thread(_close_all, models)
                     raise
@@ -213,11 +210,14 @@ class ModelRegistry:
                     self._entries[name] = previous
                 else:
                     del self._entries[name]
-                logger.warning("load of model '%s' abandoned: the request was cancelled or the server is stopping", name)
+                logger.warning(
+                    "load of model '%s' abandoned: the request was cancelled or the server is stopping", name
+                )
                 self._changed()
                 raise
             except Exception as exc:
-                reason = str(exc) if isinstance(exc, ServerError) else f"internal error while loading: {type(exc).__name__}"
+                internal = f"internal error while loading: {type(exc).__name__}"
+                reason = str(exc) if isinstance(exc, ServerError) else internal
                 if not isinstance(exc, ServerError):
                     logger.exception("model '%s' failed to load", name)
                 else:
@@ -250,86 +250,16 @@ class ModelRegistry:
             self._changed()
             return entry
 
-    def _build(self, name: str, config_override: mc.ModelConfig | None, abandoned: threading.Event) -> list[ServedModel]:
+    def _build(
+        self, name: str, config_override: mc.ModelConfig | None, abandoned: threading.Event
+    ) -> list[ServedModel]:
         self.repository.check_links(name)
         config = config_override if config_override is not None else self.repository.read_config(name)
-        if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
-            return [self._build_ensemble(name, config)]
+        if is_ensemble(config):
+            return [build_ensemble(self.repository, name, config, self.get)]
         return list(load_model(
             self.repository, name, self._device, self._default_max_batch_size, config_override, abandoned,
         ))
-
-    def _build_ensemble(self, name: str, source: mc.ModelConfig) -> EnsembleModel:
-        config = mc.ModelConfig()
-        config.CopyFrom(source)
-        config.name = name
-        config.platform = ENSEMBLE_PLATFORM
-        if not config.input or not config.output:
-            raise ModelLoadError("an ensemble config must list its inputs and outputs")
-        model_config.check_supported(config)
-        reshaped = [t.name for t in config.input if t.HasField("reshape")]
-        reshaped += [t.name for t in config.output if t.HasField("reshape")]
-        if reshaped:
-            # An ensemble only passes tensors between steps; each step model reshapes its own.
-            raise ModelLoadError(f"reshape on ensemble tensor(s) {reshaped[:5]} is not supported; set it on the step model")
-        untyped = [t.name for t in config.input if t.data_type == mc.TYPE_INVALID]
-        untyped += [t.name for t in config.output if t.data_type == mc.TYPE_INVALID]
-        if untyped:
-            raise ModelLoadError(f"ensemble tensor(s) {untyped} need a data_type")
-        inputs, outputs = model_config.tensor_specs(config)
-        steps = [
-            EnsembleStep(s.model_name, int(s.model_version), dict(s.input_map), dict(s.output_map))
-            for s in config.ensemble_scheduling.step
-        ]
-        check_graph([i.name for i in inputs], [o.name for o in outputs], steps)
-        labels = {o.name: self.repository.label_file(name, o.label_filename) for o in outputs if o.label_filename}
-        version = max(self.repository.numbered_dirs(name), default=1)
-        signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
-        return EnsembleModel(name, version, signature, steps, self.get, config)
-
-    def _check_ensemble(self, model: EnsembleModel) -> None:
-        """Refuses an ensemble whose steps name models that are not ready, itself, a cycle, or nest too deep.
-
-        Raises:
-            StepNotReadyError: a step's model is not loaded and ready (poll mode retries later).
-            ModelLoadError: a step names the ensemble itself, a missing version, a cycle or too deep a nesting.
-        """
-        for index, step in enumerate(model.steps, 1):
-            label = f"step {index} (model {quoted(step.model_name)})"
-            if step.model_name == model.name:
-                raise ModelLoadError(f"{label} is the ensemble itself: ensembles may not form a cycle")
-            if not VALID_MODEL_NAME.match(step.model_name):
-                raise ModelLoadError(f"{label} names an invalid model name")
-            entry = self._entries.get(step.model_name)
-            if entry is None or entry.state != READY or not entry.versions:
-                why = "does not exist or is not loaded" if entry is None else f"is not ready ({entry.state.lower()})"
-                raise StepNotReadyError(f"{label}: that model {why}", (step.model_name,))
-            if 0 < step.model_version and step.model_version not in entry.versions:
-                served = ", ".join(str(v) for v in sorted(entry.versions))
-                raise ModelLoadError(f"{label} asks for version {step.model_version}, which is not served (serving: {served})")
-        self._nesting(model.name, model.steps, (model.name,), {})
-
-    def _nesting(self, name: str, steps: list[EnsembleStep], chain: tuple[str, ...], known: dict[str, int]) -> int:
-        """How many ensembles deep the steps nest below `chain`; refuses cycles and depths over the bound."""
-        deepest = 0
-        for step in steps:
-            if step.model_name in chain:  # chain[0] is the model being loaded, with its new config
-                raise ModelLoadError(f"ensembles may not form a cycle: {' -> '.join((*chain, step.model_name))}")
-            entry = self._entries.get(step.model_name)
-            for served in (entry.versions.values() if entry is not None else ()):
-                if not isinstance(served, EnsembleModel):
-                    continue
-                if served.name in chain:
-                    path = " -> ".join((*chain, served.name))
-                    raise ModelLoadError(f"ensembles may not form a cycle: {path}")
-                if len(chain) >= MAX_ENSEMBLE_DEPTH:
-                    raise ModelLoadError(
-                        f"ensembles nest more than {MAX_ENSEMBLE_DEPTH} deep: {' -> '.join((*chain, served.name))}"
-                    )
-                if served.name not in known:
-                    known[served.name] = 1 + self._nesting(name, served.steps, (*chain, served.name), known)
-                deepest = max(deepest, known[served.name])
-        return deepest
 
     def _steps_ready(self, model: EnsembleModel, depth: int = 0) -> str:
         """Why an ensemble cannot serve now (a step's model is not ready), or "" when it can."""
@@ -417,7 +347,9 @@ class ModelRegistry:
             ModelNotReadyError: the model exists but is not serving.
         """
         if not VALID_MODEL_NAME.match(name or ""):
-            raise InvalidInputError(f"invalid model name {quoted(name)}") if name else InvalidInputError("model name is empty")
+            if not name:
+                raise InvalidInputError("model name is empty")
+            raise InvalidInputError(f"invalid model name {quoted(name)}")
         entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFoundError(f"unknown model '{name}'")
