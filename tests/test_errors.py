@@ -64,16 +64,21 @@ CASES: dict[str, tuple[Build, grpc.StatusCode, str]] = {
     "name escaping the repository": (lambda: addsub(model_name="../addsub"), INVALID, "invalid model name"),
     "model that failed to load": (lambda: addsub(model_name="broken"), grpc.StatusCode.UNAVAILABLE, "not ready"),
     "unknown input": (
-        lambda: _with(addsub(), lambda r: (r.inputs.add(name="c", datatype="FP32", shape=[4]), r.raw_input_contents.append(bytes(16)))),
+        lambda: _with(
+            addsub(),
+            lambda r: (r.inputs.add(name="c", datatype="FP32", shape=[4]), r.raw_input_contents.append(bytes(16))),
+        ),
         INVALID, "unexpected input 'c'",
     ),
     "missing input": (
-        lambda: _with(pb.ModelInferRequest(model_name="addsub"), lambda r: _fp32(r, "a", [4])), INVALID, "missing input(s) b",
+        lambda: _with(pb.ModelInferRequest(model_name="addsub"), lambda r: _fp32(r, "a", [4])),
+        INVALID, "missing input(s) b",
     ),
     "duplicate input": (lambda: _with(addsub(), lambda r: _fp32(r, "a", [4])), INVALID, "more than once"),
     "wrong datatype": (lambda: _typed_addsub("fp64_contents", [0, 0, 0, 0], "FP64"), INVALID, "expects FP32"),
     "unknown datatype": (
-        lambda: _with(addsub(), lambda r: setattr(r.inputs[0], "datatype", "FLOAT")), INVALID, "unknown datatype 'FLOAT'",
+        lambda: _with(addsub(), lambda r: setattr(r.inputs[0], "datatype", "FLOAT")),
+        INVALID, "unknown datatype 'FLOAT'",
     ),
     "wrong rank": (
         lambda: _with(pb.ModelInferRequest(model_name="addsub"), lambda r: (_fp32(r, "a", [2, 2]), _fp32(r, "b", [4]))),
@@ -100,28 +105,42 @@ CASES: dict[str, tuple[Build, grpc.StatusCode, str]] = {
         INVALID, "sets contents while the request uses raw_input_contents",
     ),
     "typed element count": (lambda: _typed_addsub("fp32_contents", [1, 2, 3]), INVALID, "needs 4"),
-    "typed field of another type": (lambda: _typed_addsub("int_contents", [1, 2, 3, 4]), INVALID, "use contents.fp32_contents"),
+    "typed field of another type": (
+        lambda: _typed_addsub("int_contents", [1, 2, 3, 4]), INVALID, "use contents.fp32_contents",
+    ),
     "FP16 sent typed": (
-        lambda: _with(pb.ModelInferRequest(model_name="identity_fp16"), lambda r: r.inputs.add(name="in_fp16", datatype="FP16", shape=[1, 2])),
+        lambda: _with(
+            pb.ModelInferRequest(model_name="identity_fp16"),
+            lambda r: r.inputs.add(name="in_fp16", datatype="FP16", shape=[1, 2]),
+        ),
         INVALID, "must be sent in raw_input_contents",
     ),
     "INT8 out of range": (
         lambda: _with(
             pb.ModelInferRequest(model_name="identity_int8"),
-            lambda r: r.inputs.add(name="in_int8", datatype="INT8", shape=[1, 2]).contents.int_contents.extend([1, 300]),
+            lambda r: r.inputs.add(name="in_int8", datatype="INT8", shape=[1, 2])
+            .contents.int_contents.extend([1, 300]),
         ),
         INVALID, "outside the INT8 range",
     ),
-    "BYTES cut inside a length prefix": (lambda: suffix_raw(b"\x01\x00", [1, 1]), INVALID, "inside a BYTES length prefix"),
-    "BYTES element past the end": (lambda: suffix_raw(struct.pack("<I", 10) + b"abc", [1, 1]), INVALID, "runs past the end"),
+    "BYTES cut inside a length prefix": (
+        lambda: suffix_raw(b"\x01\x00", [1, 1]), INVALID, "inside a BYTES length prefix",
+    ),
+    "BYTES element past the end": (
+        lambda: suffix_raw(struct.pack("<I", 10) + b"abc", [1, 1]), INVALID, "runs past the end",
+    ),
     "BYTES element count": (lambda: suffix_raw(struct.pack("<I", 1) + b"a", [1, 2]), INVALID, "its shape needs 2"),
-    "BYTES not UTF-8 for a string model": (lambda: suffix_raw(struct.pack("<I", 2) + b"\xff\xfe", [1, 1]), INVALID, "not valid UTF-8"),
+    "BYTES not UTF-8 for a string model": (
+        lambda: suffix_raw(struct.pack("<I", 2) + b"\xff\xfe", [1, 1]), INVALID, "not valid UTF-8",
+    ),
     "shape product overflow": (
         lambda: _with(addsub(), lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([2**62, 2**62]))),
         INVALID, "raw contents",
     ),
     "unnamed input": (lambda: _with(addsub(), lambda r: setattr(r.inputs[0], "name", "")), INVALID, "has no name"),
-    "unknown output": (lambda: _with(addsub(), lambda r: r.outputs.add(name="product")), INVALID, "unknown output 'product'"),
+    "unknown output": (
+        lambda: _with(addsub(), lambda r: r.outputs.add(name="product")), INVALID, "unknown output 'product'",
+    ),
     "classification of a BYTES output": (lambda: _classify_bytes(), INVALID, "cannot be classified"),
     "classification given as a string": (lambda: _classify_digits(string=True), INVALID, "classification must be"),
     "negative classification": (lambda: _classify_digits(count=-2), INVALID, "classification must be"),
@@ -170,7 +189,10 @@ def test_malformed_infer_request(stub, case: str) -> None:
         ("ModelConfig", pb.ModelConfigRequest(name="digits", version="3"), grpc.StatusCode.NOT_FOUND),
         ("ModelStatistics", pb.ModelStatisticsRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
         ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="digits"), grpc.StatusCode.PERMISSION_DENIED),
-        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="digits"), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="digits"),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
         ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest(), grpc.StatusCode.UNIMPLEMENTED),
         ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="x"), grpc.StatusCode.UNIMPLEMENTED),
     ],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -80,7 +80,8 @@ def test_grpcurl_streams_readable_json(gen_server) -> None:
 
 
 def test_tritonclient_streaming_gets_deltas_and_an_empty_final_response(gen_server) -> None:
-    expected = "".join(m.get("text", "") for m in typed_stream(gen_server, "import ", max_tokens=25, temperature=0, ignore_eos=True))
+    messages = typed_stream(gen_server, "import ", max_tokens=25, temperature=0, ignore_eos=True)
+    expected = "".join(m.get("text", "") for m in messages)
     client = grpcclient.InferenceServerClient(gen_server.address)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -106,7 +107,8 @@ def test_tritonclient_streaming_gets_deltas_and_an_empty_final_response(gen_serv
 
 
 def test_unary_model_infer_returns_the_whole_completion(gen_server) -> None:
-    expected = "".join(m.get("text", "") for m in typed_stream(gen_server, "class ", max_tokens=20, temperature=0, ignore_eos=True))
+    messages = typed_stream(gen_server, "class ", max_tokens=20, temperature=0, ignore_eos=True)
+    expected = "".join(m.get("text", "") for m in messages)
     client = grpcclient.InferenceServerClient(gen_server.address)
     result = client.infer("bytes_decoder", text_inputs("class ", 20, False, GREEDY))
     assert result.as_numpy("text_output")[0].decode() == expected
@@ -164,5 +166,6 @@ def test_deadline_and_cancel_mid_stream_through_grpc(gen_server) -> None:
         call.cancel()
         assert all(r.text or r.token_ids for r in first)
         # The server goes on serving, and a fresh stream completes.
-        done = list(stub.Generate(gen_pb.GenerateRequest(model="bytes_decoder", prompt="x", max_tokens=5, ignore_eos=True), timeout=60))
+        fresh = gen_pb.GenerateRequest(model="bytes_decoder", prompt="x", max_tokens=5, ignore_eos=True)
+        done = list(stub.Generate(fresh, timeout=60))
         assert done[-1].finish_reason == "length" and done[-1].completion_tokens == 5

@@ -49,7 +49,9 @@ def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput
     return t
 
 
-def inputs(prompt: str, sampling: str | None = None, shape: tuple[int, ...] = (1,), **scalars: Any) -> list[grpcclient.InferInput]:
+def inputs(
+    prompt: str, sampling: str | None = None, shape: tuple[int, ...] = (1,), **scalars: Any
+) -> list[grpcclient.InferInput]:
     """text_input, optional raw JSON sampling_parameters, and scalar tensors, all shaped `shape`."""
     out = [tensor("text_input", "BYTES", np.array([prompt.encode()], dtype=object).reshape(shape))]
     if sampling is not None:
@@ -89,7 +91,8 @@ def stream(
 
 
 def text_of(responses: list) -> str:
-    return "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in responses if r.as_numpy("text_output") is not None)
+    outputs = (r.as_numpy("text_output") for r in responses)
+    return "".join(o.reshape(-1)[0].decode() for o in outputs if o is not None)
 
 
 HOSTILE_SAMPLING = [
@@ -130,14 +133,18 @@ HOSTILE_SAMPLING = [
 ]
 
 
-@pytest.mark.parametrize(("sampling", "named"), HOSTILE_SAMPLING, ids=[h[1] + f"-{i}" for i, h in enumerate(HOSTILE_SAMPLING)])
+@pytest.mark.parametrize(
+    ("sampling", "named"), HOSTILE_SAMPLING, ids=[h[1] + f"-{i}" for i, h in enumerate(HOSTILE_SAMPLING)]
+)
 def test_hostile_sampling_parameters_are_invalid_argument(explicit_server, sampling: str, named: str) -> None:
     error = unary_error(explicit_server, inputs("x", sampling, max_tokens=5))
     assert error.status() == "StatusCode.INVALID_ARGUMENT", error
     assert named in error.message()
     assert len(error.message()) < 400  # client text is quoted only up to a bound
     # The same through streaming, with gRPC statuses turned on.
-    responses, error = stream(explicit_server, inputs("x", sampling, max_tokens=5), headers={"triton_grpc_error": "true"})
+    responses, error = stream(
+        explicit_server, inputs("x", sampling, max_tokens=5), headers={"triton_grpc_error": "true"}
+    )
     assert not responses and error is not None and error.status() == "StatusCode.INVALID_ARGUMENT", error
 
 
@@ -185,7 +192,9 @@ def test_a_bad_stream_does_not_fail_the_streams_beside_it(explicit_server) -> No
 def test_text_input_shaped_1_1_is_accepted_unary_and_streaming(explicit_server) -> None:
     sampling = '{"temperature": 0, "ignore_eos": true}'
     client = grpcclient.InferenceServerClient(explicit_server.address)
-    flat = client.infer(MODEL, inputs("def ", sampling, max_tokens=12, exclude_input_in_output=True)).as_numpy("text_output")
+    flat = client.infer(
+        MODEL, inputs("def ", sampling, max_tokens=12, exclude_input_in_output=True)
+    ).as_numpy("text_output")
     square = client.infer(
         MODEL, inputs("def ", sampling, shape=(1, 1), max_tokens=12, exclude_input_in_output=True)
     ).as_numpy("text_output")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +36,10 @@ def test_list_services(server) -> None:
 def test_describe_service_and_message(server) -> None:
     service = grpcurl(server.address, "describe", "inference.GRPCInferenceService")
     assert "rpc ModelInfer ( .inference.ModelInferRequest ) returns ( .inference.ModelInferResponse )" in service
-    assert "rpc ModelStreamInfer ( stream .inference.ModelInferRequest ) returns ( stream .inference.ModelStreamInferResponse )" in service
+    assert (
+        "rpc ModelStreamInfer ( stream .inference.ModelInferRequest )"
+        " returns ( stream .inference.ModelStreamInferResponse )"
+    ) in service
     message = grpcurl(server.address, "describe", "inference.ModelInferRequest")
     assert "repeated bytes raw_input_contents = 7;" in message
     config = grpcurl(server.address, "describe", "inference.ModelConfig")

@@ -27,7 +27,9 @@ GARBAGE = b"\x08" + b"\xff" * 11
 LONG = "n" * 100_000
 
 
-def call_raw(channel: grpc.Channel, path: str, body: bytes, client_streaming: bool, server_streaming: bool) -> list[bytes]:
+def call_raw(
+    channel: grpc.Channel, path: str, body: bytes, client_streaming: bool, server_streaming: bool
+) -> list[bytes]:
     """Sends `body` as is (no serializer) on `path`; returns the raw response messages."""
     if client_streaming and server_streaming:
         return list(channel.stream_stream(path)(iter([body]), timeout=WAIT_S))
@@ -73,7 +75,8 @@ def test_well_formed_health_and_reflection_still_work(raw_channel) -> None:  # t
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    assert check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S).status == health_pb2.HealthCheckResponse.SERVING
+    status = check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as caught:
         check(health_pb2.HealthCheckRequest(service=LONG), timeout=WAIT_S)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

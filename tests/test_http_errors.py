@@ -29,7 +29,8 @@ def _binary(header: dict[str, object], raw: bytes, header_length: int | None = N
 
 
 def _int32_binary(size: int) -> dict[str, object]:
-    return {"inputs": [{"name": "in_int32", "datatype": "INT32", "shape": [1, 2], "parameters": {"binary_data_size": size}}]}
+    tensor = {"name": "in_int32", "datatype": "INT32", "shape": [1, 2], "parameters": {"binary_data_size": size}}
+    return {"inputs": [tensor]}
 
 
 CASES = [
@@ -38,11 +39,13 @@ CASES = [
     ("not an object", {"content": b"[1, 2]", "headers": {}}, 400, "JSON object"),
     ("data shorter than the shape", {"json": _tensor(data=[1])}, 400, "needs 2"),
     ("data longer than the shape", {"json": _tensor(data=[[1, 2, 3]])}, 400, "needs 2"),
-    ("unknown datatype", {"json": {"inputs": [{"name": "in_int32", "datatype": "INT33", "shape": [2], "data": [1, 2]}]}},
+    ("unknown datatype",
+     {"json": {"inputs": [{"name": "in_int32", "datatype": "INT33", "shape": [2], "data": [1, 2]}]}},
      400, "unknown datatype"),
     ("string in an INT32 tensor", {"json": _tensor(data=["1", 2])}, 400, "integer"),
     ("value out of range", {"json": _tensor(data=[1, 1 << 40])}, 400, "range"),
-    ("negative dimension", {"json": {"inputs": [{"name": "in_int32", "datatype": "INT32", "shape": [-1, 2], "data": []}]}},
+    ("negative dimension",
+     {"json": {"inputs": [{"name": "in_int32", "datatype": "INT32", "shape": [-1, 2], "data": []}]}},
      400, "negative"),
     ("no inputs", {"json": {"id": "x"}}, 400, "inputs"),
     ("header length past the body", _binary(_int32_binary(8), b"\0" * 8, header_length=10_000), 400, "only"),
@@ -101,7 +104,9 @@ def test_routes_methods_and_models(server: ServerProcess, method: str, path: str
 
 
 @pytest.fixture(scope="module")
-def small_limit(repository: conftest.TestRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def small_limit(
+    repository: conftest.TestRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     server = ServerProcess(
         repository.path, tmp_path_factory.mktemp("http_limit"), "--strict-readiness", "false",
         "--http-max-body-bytes", "4096",

@@ -131,7 +131,7 @@ def test_classification(client) -> None:  # type: ignore[no-untyped-def]
     labels = client.infer("digits", [tensor], outputs=outputs).as_numpy("logits")
     assert labels.shape == (4, 3)
     tops = [int(row[0].decode().split(":")[1]) for row in labels]
-    assert sum(t == y for t, y in zip(tops, y_test[:4])) >= 3
+    assert sum(t == y for t, y in zip(tops, y_test[:4], strict=True)) >= 3
 
 
 def test_statistics_count_http_requests(client) -> None:  # type: ignore[no-untyped-def]
@@ -237,7 +237,9 @@ def test_client_that_disconnects_leaves_the_queue_and_never_runs(
     assert _rows_run_since(stub, before) == 256  # the 7 rows never ran
 
 
-def test_queue_timeout_is_504_and_a_full_queue_429(server: ServerProcess, stub, repository: conftest.TestRepository) -> None:
+def test_queue_timeout_is_504_and_a_full_queue_429(
+    server: ServerProcess, stub, repository: conftest.TestRepository
+) -> None:
     """The `timeout` parameter bounds the time in the queue, as on gRPC; a full queue answers at once."""
     gate: Gate = repository.gates["gated_batched"]
     url = f"{server.http_url}/v2/models/gated_batched/infer"
@@ -351,9 +353,8 @@ def test_sigterm_lets_a_held_http_request_finish_and_refuses_new_ones(
 def _gated_binary() -> dict[str, Any]:
     """A [256, 512] request to `gated` in Triton's binary tensor extension (httpx.post arguments)."""
     rows = np.full((256, 512), 0.01, np.float32).tobytes()
-    header = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [256, 512], "parameters": {"binary_data_size": len(rows)}}]}
-    ).encode()
+    tensor = {"name": "x", "datatype": "FP32", "shape": [256, 512], "parameters": {"binary_data_size": len(rows)}}
+    header = json.dumps({"inputs": [tensor]}).encode()
     return {"content": header + rows, "headers": {"Inference-Header-Content-Length": str(len(header))}}
 
 

@@ -6,7 +6,7 @@ import asyncio
 import queue
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ def test_completion_stop_string_and_seed(client: openai.OpenAI) -> None:
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == greedy[: greedy.index(stop)]
     sampled = [
-        client.completions.create(model=MODEL, prompt="x", max_tokens=10, seed=7, temperature=1.0, top_p=0.9).choices[0].text
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=10, seed=7, temperature=1.0, top_p=0.9
+        ).choices[0].text
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1]
@@ -115,7 +117,9 @@ def test_chat_uses_the_model_directory_template(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(model=TEMPLATED, messages=messages, max_tokens=2, **GREEDY)
     assert answer.usage is not None and answer.usage.prompt_tokens == len("[USER] hi\n[ASSISTANT]")
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=TEMPLATED, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+        client.chat.completions.create(
+            model=TEMPLATED, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]
+        )
     assert "a chat cannot start with a tool" in _message(err.value)
 
 
@@ -140,7 +144,9 @@ def _message(err: openai.APIStatusError) -> str:
         ("completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ],
 )
-def test_bad_requests_get_400_with_openai_error_object(client: openai.OpenAI, route: str, body: dict, expected: str) -> None:
+def test_bad_requests_get_400_with_openai_error_object(
+    client: openai.OpenAI, route: str, body: dict, expected: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         if route == "chat":
             client.chat.completions.create(model=MODEL, **body)
@@ -202,7 +208,12 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_before_the_next_step(
         # The server saw the disconnect: the request ended (counted as failed) while a step of it is held.
         wait_until(lambda: _fail_count(oa_server, GATED) == failed_before + 1, "the cancelled stream to end")
         follower_done = threading.Event()
-        follower = threading.Thread(target=lambda: (client.completions.create(model=GATED, prompt="b", max_tokens=3, **GREEDY), follower_done.set()))
+
+        def follow() -> None:
+            client.completions.create(model=GATED, prompt="b", max_tokens=3, **GREEDY)
+            follower_done.set()
+
+        follower = threading.Thread(target=follow)
         follower.start()
         gate.release(held)
         # The follower's prefill, then its decode step: the leaver's row is gone (1 row, not 2).

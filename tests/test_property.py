@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import hypothesis
 import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
-import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -170,7 +170,9 @@ def rpc_paths() -> list[tuple[str, bool, bool]]:
 raw_bodies = st.tuples(st.sampled_from(rpc_paths()), st.binary(max_size=96))
 
 
-def call_raw(channel: grpc.Channel, path: str, body: bytes, client_streaming: bool, server_streaming: bool) -> tuple[grpc.StatusCode, list[bytes]]:
+def call_raw(
+    channel: grpc.Channel, path: str, body: bytes, client_streaming: bool, server_streaming: bool
+) -> tuple[grpc.StatusCode, list[bytes]]:
     """Sends `body` as is on `path`: the status code and the first response message, if any.
 
     A stream is cancelled after its first message (health's Watch, for one, never ends).

@@ -74,7 +74,8 @@ def sampling_json(draw: st.DrawFn) -> bytes:
     keys = st.sampled_from(KEYS) | st.text(max_size=6)
     values = st.one_of(numbers, numbers, json_values)
     body = draw(st.dictionaries(keys, values, max_size=5))
-    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool) and 8 < body["max_tokens"] < 2**31:
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 8 < max_tokens < 2**31:
         body["max_tokens"] = 8
     if "stop" in body and draw(st.booleans()):
         body["stop"] = draw(st.lists(st.text(max_size=300), max_size=40))
@@ -119,7 +120,8 @@ def text_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     if draw(st.integers(0, 4)) > 0:
         params = request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
         params.contents.bytes_contents.append(draw(sampling_json()))
-    for key in draw(st.lists(st.sampled_from(KEYS + ["priority", "timeout", "sequence_id", "x"]), max_size=3, unique=True)):
+    parameter_keys = st.sampled_from(KEYS + ["priority", "timeout", "sequence_id", "x"])
+    for key in draw(st.lists(parameter_keys, max_size=3, unique=True)):
         value = draw(parameter_numbers)
         _parameter(request.parameters, key, draw(parameter_kinds), min(value, 8) if key == "max_tokens" else value)
     return request

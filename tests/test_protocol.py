@@ -85,15 +85,18 @@ def test_output_subset_and_classification(triton) -> None:
     assert [o.name for o in result.get_response().outputs] == ["logits"]
     labels = result.as_numpy("logits")
     assert labels.shape == (4, 3)
-    for row, truth in zip(labels, y_test[:4]):
+    for row in labels:
         value, index, label = row[0].decode().split(":")
         assert int(index) == int(label)
         float(value)
     # The model is trained: most top-1 labels are right.
-    assert sum(int(r[0].decode().split(":")[2]) == t for r, t in zip(labels, y_test[:4])) >= 3
+    assert sum(int(r[0].decode().split(":")[2]) == t for r, t in zip(labels, y_test[:4], strict=True)) >= 3
 
 
-@pytest.mark.parametrize("datatype", ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"])
+@pytest.mark.parametrize(
+    "datatype",
+    ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"],
+)
 def test_every_numeric_type_round_trips(triton, datatype: str) -> None:
     from tritonclient.utils import triton_to_np_dtype
 
@@ -165,7 +168,10 @@ def test_typed_contents_on_a_single_type_model(stub) -> None:
     request.inputs.add(name="b", datatype="FP32", shape=[4]).contents.fp32_contents.extend([1, 1, 1, 1])
     response = stub.ModelInfer(request)
     assert response.id == "typed"
-    outputs = {o.name: np.frombuffer(raw, np.float32) for o, raw in zip(response.outputs, response.raw_output_contents)}
+    outputs = {
+        o.name: np.frombuffer(raw, np.float32)
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
     np.testing.assert_array_equal(outputs["sum"], [2, 3, 4, 5])
     np.testing.assert_array_equal(outputs["difference"], [0, 1, 2, 3])
 
