@@ -10,7 +10,6 @@ from importlib import metadata
 from typing import Any
 
 import grpc
-import orjson
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -37,7 +36,6 @@ from server.rpc.servicers import InferenceServicer
 from server.schema import _pool
 from server.service.control import decode_override
 from server.service.dataplane import DataPlane, ServerState, WorkerPeers
-from server.service.metrics import families_to_json
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -129,7 +127,7 @@ class OrtServer:
             raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
         if worker is not None and self.settings.peer_dir is not None:
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
-            add_peer_metrics_service(lambda: orjson.dumps(families_to_json(self.plane.local_metrics())), server)
+            add_peer_metrics_service(self.plane.local_metrics_json, server)
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()

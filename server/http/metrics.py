@@ -8,6 +8,7 @@ dashboards query them by those exact names. The format itself (version 0.0.4) is
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -51,6 +52,12 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
     return "{" + ",".join(pairs) + "}" if pairs else ""
 
 
+@functools.lru_cache(maxsize=64)
+def _les(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The `le` values of a bucket layout, +Inf last (a few layouts only: cached)."""
+    return (*(repr(float(b)) for b in bounds), "+Inf")
+
+
 def render(families: Sequence[Family]) -> bytes:
     """The families in Prometheus's text format (0.0.4); histograms as cumulative `_bucket`s, `_sum`, `_count`."""
     lines: list[str] = []
@@ -59,15 +66,16 @@ def render(families: Sequence[Family]) -> bytes:
         lines.append(f"# HELP {family.name} {help_text}")
         lines.append(f"# TYPE {family.name} {family.kind}")
         for values, value in family.samples.items():
+            labels = _labels(family.labels, values)
             if isinstance(value, Histogram):
-                for bound, count in zip([*value.bounds, math.inf], value.cumulative(), strict=True):
-                    le = "+Inf" if math.isinf(bound) else repr(float(bound))
-                    labels = _labels(family.labels, values, 'le="' + le + '"')
-                    lines.append(f"{family.name}_bucket{labels} {count}")
-                lines.append(f"{family.name}_sum{_labels(family.labels, values)} {_number(value.sum)}")
-                lines.append(f"{family.name}_count{_labels(family.labels, values)} {value.count}")
+                # The series' labels are written once; each bucket line adds its `le` to them.
+                bucket = f"{family.name}_bucket{{{labels[1:-1]}{',' if labels else ''}le="
+                les = _les(value.bounds)
+                lines.extend(f'{bucket}"{le}"}} {count}' for le, count in zip(les, value.cumulative(), strict=True))
+                lines.append(f"{family.name}_sum{labels} {_number(value.sum)}")
+                lines.append(f"{family.name}_count{labels} {value.count}")
             else:
-                lines.append(f"{family.name}{_labels(family.labels, values)} {_number(value)}")
+                lines.append(f"{family.name}{labels} {_number(value)}")
     lines.append("")
     return "\n".join(lines).encode("utf-8")
 

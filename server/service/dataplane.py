@@ -287,15 +287,25 @@ class DataPlane:
         server's sums never go down when a worker restarts (Prometheus would read a drop as a
         counter reset); each call records the result for a successor in turn.
         """
+        return self._local_metrics()[0]
+
+    def local_metrics_json(self) -> bytes:
+        """local_metrics() as JSON (families_to_json), for a sibling's scrape: encoded once, for the
+        answer and for the successor's record."""
+        return self._local_metrics()[1]
+
+    def _local_metrics(self) -> tuple[list[Family], bytes]:
         models = self.registry.models()
         families = model_families(models)
         families += [self.http_requests.family(), self.grpc_requests.family()]
+        encoded = b""
         if self._workers is not None:
             served = {(m.name, str(m.version)) for m in models}
             merge(families, carried_over(self._inherited, served))
+            encoded = orjson.dumps(families_to_json(families))
             path = workers_module.metrics_file(self._workers.peer_dir, self._workers.worker_index)
-            workers_module.write_json_atomically(path, orjson.dumps(families_to_json(families)))
-        return families
+            workers_module.write_json_atomically(path, encoded)
+        return families, encoded
 
     async def metrics(self) -> list[Family]:
         """The whole server's metric families: every worker's added up, then the server-wide gauges.
