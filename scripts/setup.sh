@@ -43,4 +43,15 @@ else
             $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
         fi
     fi
+    # tests/test_replicas.py runs Debian's nginx in front of three replicas (it starts its own, on loopback).
+    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
+        # The package starts a system nginx on :80 where an init system lets it; nothing here uses it.
+        if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
+        elif [ -x /etc/init.d/nginx ]; then
+            $SUDO /etc/init.d/nginx stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d nginx disable >/dev/null 2>&1 || true
+        fi
 fi
