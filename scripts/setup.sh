@@ -54,4 +54,5 @@ else
             $SUDO /etc/init.d/nginx stop >/dev/null 2>&1 || true
             $SUDO update-rc.d nginx disable >/dev/null 2>&1 || true
         fi
+    fi
 fi
