@@ -11,10 +11,19 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check"
-$PIP install --quiet --upgrade pip
 if [ "${1:-}" = "--runtime" ]; then
+    # Installed already for this dependency spec and Python: nothing to do (a second start is instant and needs
+    # no package index). The stamp is a hash of what decides the install.
+    stamp=$(cat pyproject.toml setup.py <(.venv/bin/python -VV) 2>/dev/null | sha256sum | cut -d' ' -f1)
+    if [ "$(cat .venv/.ortserve-runtime-stamp 2>/dev/null)" = "$stamp" ] \
+        && .venv/bin/python -c 'import server' 2>/dev/null; then
+        exit 0
+    fi
+    $PIP install --quiet --upgrade pip
     $PIP install --quiet -e .
+    echo "$stamp" > .venv/.ortserve-runtime-stamp
 else
+    $PIP install --quiet --upgrade pip
     # The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build, and
     # the exporters only need the CPU. TORCH_SPEC overrides it.
     $PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"

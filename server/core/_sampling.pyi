@@ -1,4 +1,4 @@
-"""Types of the compiled draw in _sampling.c (see sampling.sample_batch)."""
+"""Types of the compiled draw in _sampling.c (see sampling.draw)."""
 
 from collections.abc import Sequence
 from typing import Any

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -312,18 +311,3 @@ class StopMatcher:
         self._pending.clear()
         self._state = 0
         return out
-
-
-# Transitional (issue 17): the test-only wrappers sample_batch and sample_next moved to
-# tests/sampling_helpers.py; tests/unit/test_generation.py still imports them from here until it
-# is switched over. Resolved lazily so the served package never imports tests/ on its own.
-# Remove once nothing imports them from server.core.sampling.
-_MOVED_TO_TESTS = ("sample_batch", "sample_next")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_TESTS:
-        from tests import sampling_helpers
-
-        return getattr(sampling_helpers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from server.core import datatypes
-from server.core.batcher import QueuePolicy, SchedulerConfig
+from server.core.batcher import HARD_QUEUE_LIMIT, QueuePolicy, SchedulerConfig
 from server.core.errors import InvalidInputError, ModelLoadError, quoted
 from server.core.types import TensorSpec
 from server.runtime import onnx as ort_runtime
@@ -24,7 +24,7 @@ ONNX_BACKEND = "onnxruntime"
 # (RepositoryModelLoad's `config`), so each value that makes the server build,
 # allocate or wait in proportion to it is capped; beyond, the load is refused.
 MAX_BATCH_SIZE = 1 << 20
-MAX_QUEUE_SIZE = 10_000  # the scheduler's hard limit per model version (loader.HARD_QUEUE_LIMIT)
+MAX_QUEUE_SIZE = HARD_QUEUE_LIMIT  # the scheduler's hard limit per model version
 MAX_QUEUE_DELAY_US = 60_000_000  # 60 s
 MAX_QUEUE_TIMEOUT_US = 3_600_000_000  # 1 h
 MAX_PRIORITY_LEVELS = 256  # one queue each
@@ -101,7 +101,8 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
             entry.data_type = config_type(tensor.datatype)
         elif _protocol_type(entry.data_type) != tensor.datatype:
             raise ModelLoadError(
-                f"config {kind} '{entry.name}' is {mc.DataType.Name(entry.data_type)} but the model has {tensor.type_name}"
+                f"config {kind} '{entry.name}' is {mc.DataType.Name(entry.data_type)} "
+                f"but the model has {tensor.type_name}"
             )
         graph_dims = _graph_dims(tensor, batching, kind)
         if entry.HasField("reshape"):
@@ -115,7 +116,7 @@ def _complete_tensors(declared: Any, graph: Sequence[GraphTensor], batching: boo
                 f"{list(graph_dims)}{' (after the batch dimension)' if batching else ''}"
             )
         else:
-            for declared_dim, graph_dim in zip(entry.dims, graph_dims):
+            for declared_dim, graph_dim in zip(entry.dims, graph_dims, strict=True):
                 if declared_dim != -1 and graph_dim != -1 and declared_dim != graph_dim:
                     raise ModelLoadError(
                         f"config {kind} '{entry.name}' has dims {list(entry.dims)}; the model has {list(graph_dims)}"
@@ -150,7 +151,9 @@ def _check_reshape(entry: Any, graph_dims: Sequence[int], kind: str) -> None:
         )
     if math.prod(d for d in dims if d != -1) != math.prod(d for d in shape if d != -1):
         raise ModelLoadError(f"{where} reshape.shape {shape[:8]} does not hold the same elements as dims {dims[:8]}")
-    if len(shape) != len(graph_dims) or any(r != -1 and g != -1 and r != g for r, g in zip(shape, graph_dims)):
+    if len(shape) != len(graph_dims) or any(
+        r != -1 and g != -1 and r != g for r, g in zip(shape, graph_dims, strict=True)
+    ):
         raise ModelLoadError(f"{where} has reshape.shape {shape[:8]} but the model's shape is {list(graph_dims)[:8]}")
 
 
@@ -176,7 +179,9 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorS
         for i in config.input
     ]
     outputs = [
-        TensorSpec(o.name, _protocol_type(o.data_type), tuple(o.dims), label_filename=o.label_filename, reshape=_reshape(o))
+        TensorSpec(
+            o.name, _protocol_type(o.data_type), tuple(o.dims), label_filename=o.label_filename, reshape=_reshape(o)
+        )
         for o in config.output
     ]
     return inputs, outputs
@@ -270,7 +275,8 @@ def scheduler_config(config: mc.ModelConfig, hard_queue_limit: int) -> Scheduler
     if bad:
         raise ModelLoadError(f"preferred_batch_size {bad} must be between 1 and max_batch_size {config.max_batch_size}")
     levels = int(batching.priority_levels)
-    if batching.default_priority_level > max(levels, 1) or (levels and batching.default_priority_level == 0 and levels > 1):
+    default_level = batching.default_priority_level
+    if default_level > max(levels, 1) or (levels and default_level == 0 and levels > 1):
         raise ModelLoadError(
             f"default_priority_level {batching.default_priority_level} must be between 1 and priority_levels {levels}"
         )
@@ -441,13 +447,18 @@ def _check_bounds(config: mc.ModelConfig) -> None:
                 raise ModelLoadError(f"parameters {key} must be >= 1, got {value}")
             _refuse_above(f"parameters {key}", value, bound)
     batching = config.dynamic_batching
-    _refuse_above("dynamic_batching.max_queue_delay_microseconds", batching.max_queue_delay_microseconds, MAX_QUEUE_DELAY_US)
-    _refuse_above("dynamic_batching.preferred_batch_size entries", len(batching.preferred_batch_size), MAX_PREFERRED_BATCH_SIZES)
+    _refuse_above(
+        "dynamic_batching.max_queue_delay_microseconds", batching.max_queue_delay_microseconds, MAX_QUEUE_DELAY_US
+    )
+    _refuse_above(
+        "dynamic_batching.preferred_batch_size entries", len(batching.preferred_batch_size), MAX_PREFERRED_BATCH_SIZES
+    )
     _refuse_above("dynamic_batching.priority_levels", batching.priority_levels, MAX_PRIORITY_LEVELS)
     policies = [("dynamic_batching.default_queue_policy", batching.default_queue_policy)]
     policies += [(f"dynamic_batching.priority_queue_policy[{k}]", v) for k, v in batching.priority_queue_policy.items()]
     for path, policy in policies:
-        _refuse_above(f"{path}.max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE, "the hard limit per model version")
+        hard_limit = "the hard limit per model version"
+        _refuse_above(f"{path}.max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE, hard_limit)
         _refuse_above(f"{path}.default_timeout_microseconds", policy.default_timeout_microseconds, MAX_QUEUE_TIMEOUT_US)
     _refuse_above("model_warmup entries", len(config.model_warmup), MAX_WARMUP_SAMPLES)
     for i, sample in enumerate(config.model_warmup):

@@ -172,7 +172,9 @@ class ModelRepository:
             if leads_outside(folder, model_dir):
                 refused[version] = f"folder '{folder.name}' is a symbolic link that leads outside the model directory"
             elif leads_outside(folder / model_filename, model_dir):
-                refused[version] = f"'{folder.name}/{model_filename}' is a symbolic link that leads outside the model directory"
+                refused[version] = (
+                    f"'{folder.name}/{model_filename}' is a symbolic link that leads outside the model directory"
+                )
             elif not (folder / model_filename).is_file():
                 continue  # a dangling link: no model file
             else:

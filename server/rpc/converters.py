@@ -98,7 +98,9 @@ def infer_request_from_pb(request: pb.ModelInferRequest) -> InferRequest:
 
 def infer_response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     """Encodes a response with raw output contents, as Triton's gRPC endpoint does."""
-    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
     params_to_pb(response.parameters, message.parameters)
     for output in response.outputs:
         message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)

@@ -125,7 +125,9 @@ def guard(behaviour: Callable[..., Any], client_streaming: bool, server_streamin
     name = getattr(behaviour, "__name__", "handler")
     if client_streaming:
 
-        async def checked_requests(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def checked_requests(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, MalformedRequest):
                     try:
@@ -136,7 +138,9 @@ def guard(behaviour: Callable[..., Any], client_streaming: bool, server_streamin
 
         if server_streaming:
 
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 async for item in behaviour(checked_requests(requests, context), context):
                     yield item
 

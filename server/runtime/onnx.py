@@ -145,7 +145,8 @@ class OnnxRuntimeSession(Runtime):
         # once per decode step of a generation model, where tens of microseconds show).
         feed = inputs
         if self._string_inputs:
-            feed = {name: (_bytes_to_str(name, arr) if name in self._string_inputs else arr) for name, arr in inputs.items()}
+            strings = self._string_inputs
+            feed = {name: (_bytes_to_str(name, arr) if name in strings else arr) for name, arr in inputs.items()}
         large = self._shrink_above and sum(a.nbytes for a in feed.values()) > self._shrink_above
         results: list[np.ndarray] = self._session.run(list(output_names), feed, self._shrink if large else None)
         if self._string_outputs:

@@ -18,9 +18,10 @@ from exporters.models import decoder as dec
 from server.core.decode_batch import plan_prefill
 from server.core.errors import DeadlineExceededError, InvalidInputError, QueueFullError, ServerError
 from server.core.generation import GenerationScheduler, Stream, TokenChunk
-from server.core.sampling import SamplingParams, StopMatcher, sample_batch, sample_next
+from server.core.sampling import SamplingParams, StopMatcher
 from server.runtime.base import Runtime
 from server.runtime.onnx import OnnxRuntimeSession, SessionOptions
+from tests.sampling_helpers import sample_batch, sample_next
 
 TINY = dec.DecoderConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, context_length=96)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
