@@ -11,10 +11,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check"
+# The runtime's stamp: a hash of what decides its install (the dependency spec and the Python), written once
+# the server is installed; both set-ups write it, so serve.sh after test.sh installs nothing either.
+stamp=$(cat pyproject.toml setup.py <(.venv/bin/python -VV) 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ "${1:-}" = "--runtime" ]; then
-    # Installed already for this dependency spec and Python: nothing to do (a second start is instant and needs
-    # no package index). The stamp is a hash of what decides the install.
-    stamp=$(cat pyproject.toml setup.py <(.venv/bin/python -VV) 2>/dev/null | sha256sum | cut -d' ' -f1)
+    # Installed already for this spec: nothing to do (a second start is instant and needs no package index).
     if [ "$(cat .venv/.ortserve-runtime-stamp 2>/dev/null)" = "$stamp" ] \
         && .venv/bin/python -c 'import server' 2>/dev/null; then
         exit 0
@@ -28,6 +29,7 @@ else
     # the exporters only need the CPU. TORCH_SPEC overrides it.
     $PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"
     $PIP install --quiet -e ".[export,dev]"
+    echo "$stamp" > .venv/.ortserve-runtime-stamp
     # The test suite runs a short genai-perf profile against the server.
     bash bench/setup_genai_perf.sh
     # The Node.js client (clients/node; tests/test_node_client.py runs it): its locked dependencies, installed
