@@ -4,8 +4,10 @@ load balancing without it.
 Behind nginx (deploy/nginx/ortserve.conf, its ports swapped for free ones): requests spread round robin; a rolling
 restart (SIGTERM, exit 0, start again, ready, next) under continuous load fails no request; SIGKILL fails at most
 the requests in flight on the killed replica. Who retries: nginx passes a request to the next replica when one
-refuses connections (down) or answers HTTP 503 (draining); a draining replica's gRPC UNAVAILABLE travels inside an
-HTTP 200 response that nginx cannot judge, so the gRPC client's retry policy (RETRY_SERVICE_CONFIG) retries it.
+refuses connections (down), answers HTTP 503 (draining) or drops a buffered HTTP request (killed). A draining
+replica's gRPC UNAVAILABLE travels in an HTTP 200 response that nginx cannot judge, and nginx cannot resend a gRPC
+call (never buffered) that a killed replica dropped: it answers UNAVAILABLE itself (the example's error_page). The
+gRPC client's retry policy (RETRY_SERVICE_CONFIG) retries both; the HTTP client rarely has anything left to retry.
 
 Without nginx: a `round_robin` channel over an `ipv4:` list spreads calls, and picks up a listed replica that
 started later. A channel to one address in front of several replicas (a TCP balancer, as a Kubernetes Service is)
