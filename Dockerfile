@@ -25,8 +25,9 @@ RUN python3 -m venv /opt/ortserve
 WORKDIR /src
 # The dependencies first, in a layer that changes only with the dependency spec (pyproject.toml),
 # not with the code; ONNXRUNTIME picks the CPU or the GPU build of ONNX Runtime.
-COPY pyproject.toml scripts/requirements.py ./
-RUN python3 requirements.py --onnxruntime "${ONNXRUNTIME}" > requirements.txt \
+COPY pyproject.toml ./
+COPY scripts/requirements.py scripts/
+RUN python3 scripts/requirements.py --onnxruntime "${ONNXRUNTIME}" > requirements.txt \
     && /opt/ortserve/bin/pip install --requirement requirements.txt
 # Then the code, installed as a package (not editable): only what the server needs, no tests or benchmarks.
 COPY setup.py README.md ./
