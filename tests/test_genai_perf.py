@@ -24,7 +24,8 @@ def read_metrics(csv_path: Path) -> dict[str, dict[str, str]]:
         elif not header:
             header = row
         else:
-            metrics[row[0]] = dict(zip(header[1:], (value.replace(",", "") for value in row[1:])))  # "1,056.91"
+            # "1,056.91"; genai-perf writes every row as wide as its table's header.
+            metrics[row[0]] = dict(zip(header[1:], (value.replace(",", "") for value in row[1:]), strict=True))
     return metrics
 
 

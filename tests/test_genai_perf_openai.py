@@ -38,7 +38,9 @@ def test_genai_perf_openai_endpoint(endpoint_type: str, genai_server: ServerProc
     ]
     # bench/tools/env.sh puts perf_analyzer (which genai-perf drives) and its libraries on the paths.
     shell = f'. "{ROOT}/bench/tools/env.sh" && exec "$@"'
-    run = subprocess.run(["bash", "-c", shell, "genai-perf", *command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        ["bash", "-c", shell, "genai-perf", *command], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = read_metrics(next(tmp_path.glob("artifacts/*/profile_export_genai_perf.csv")))
     assert float(metrics["Request Count (count)"]["Value"]) == 8

@@ -38,7 +38,8 @@ SCALE_CONFIG = "dynamic_batching { }"
 def export_scale(repo: Path, version: int, k: float, staging: Path | None = None) -> None:
     """Writes version `version` of model `scale`; with staging, builds elsewhere then renames (atomic)."""
     target = staging or repo
-    export_torch(Scale(k), (torch.ones(2, 4),), ExportSpec(["x"], ["y"], max_batch_size=8, extra_config=SCALE_CONFIG), target, "scale", version)
+    spec = ExportSpec(["x"], ["y"], max_batch_size=8, extra_config=SCALE_CONFIG)
+    export_torch(Scale(k), (torch.ones(2, 4),), spec, target, "scale", version)
     if staging is not None:
         (repo / "scale" / str(version)).parent.mkdir(parents=True, exist_ok=True)
         os.rename(staging / "scale" / str(version), repo / "scale" / str(version))
@@ -185,7 +186,8 @@ def test_explicit_mode_load_reload_and_unload_through_the_api(repo: Path, tmp_pa
                     load(stub, "scale", {"input": [{"name": "nope"}]})
                 assert "is not in the model" in err.value.details()
                 with pytest.raises(grpc.RpcError) as err:
-                    load(stub, "scale", {"model_warmup": [{"name": "w", "batch_size": 1, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "missing.bin"}}}]})
+                    missing = {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "missing.bin"}
+                    load(stub, "scale", {"model_warmup": [{"name": "w", "batch_size": 1, "inputs": {"x": missing}}]})
                 assert "warm-up" in err.value.details()
                 broken = repo / "scale" / "3"
                 broken.mkdir()
@@ -216,7 +218,8 @@ def test_explicit_mode_load_reload_and_unload_through_the_api(repo: Path, tmp_pa
 def test_warmup_runs_before_ready(repo: Path, tmp_path: Path) -> None:
     config = (repo / "scale" / "config.pbtxt").read_text()
     (repo / "scale" / "config.pbtxt").write_text(
-        config + '\nmodel_warmup [{ name: "zeros" batch_size: 4 count: 3 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [4] zero_data: true } } }]'
+        config + '\nmodel_warmup [{ name: "zeros" batch_size: 4 count: 3'
+        ' inputs { key: "x" value: { data_type: TYPE_FP32 dims: [4] zero_data: true } } }]'
     )
     server = ServerProcess(repo, tmp_path)
     try:
@@ -320,8 +323,10 @@ def test_pipeline_equals_its_steps_by_hand_and_reports_step_errors(tmp_path: Pat
         input [ { name: "pixels" data_type: TYPE_UINT8 dims: [ 8, 8 ] } ]
         output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
         ensemble_scheduling { step [
-          { model_name: "digits_preprocess" input_map { key: "pixels" value: "pixels" } output_map { key: "image" value: "image" } },
-          { model_name: "no_such_model" input_map { key: "image" value: "image" } output_map { key: "logits" value: "logits" } }
+          { model_name: "digits_preprocess"
+            input_map { key: "pixels" value: "pixels" } output_map { key: "image" value: "image" } },
+          { model_name: "no_such_model"
+            input_map { key: "image" value: "image" } output_map { key: "logits" value: "logits" } }
         ] }""")
     server = ServerProcess(root, tmp_path, "--strict-readiness", "false")
     rng = np.random.default_rng(0)

@@ -20,7 +20,13 @@ import pytest
 
 from tests.conftest import ROOT, ServerProcess
 from tests.test_metrics_dashboard import (
-    as_promql, copy_models, exprs, infer_digits_grpc, load_dashboard, poll, scrape,
+    as_promql,
+    copy_models,
+    exprs,
+    infer_digits_grpc,
+    load_dashboard,
+    poll,
+    scrape,
 )
 
 REQUESTS = 7  # single-image requests to digits: nv_inference_count must reach exactly this

@@ -116,7 +116,8 @@ def build(root: Path, outside: Path, gate: Gate) -> None:
     write_ensemble(root, "cyc_a", over_ident("cyc_a", "cyc_b"))
     write_ensemble(root, "cyc_b", over_ident("cyc_b", "cyc_a"))
     for level in range(1, 10):
-        write_ensemble(root, f"deep_{level}", over_ident(f"deep_{level}", "ident" if level == 1 else f"deep_{level - 1}"))
+        inner = "ident" if level == 1 else f"deep_{level - 1}"
+        write_ensemble(root, f"deep_{level}", over_ident(f"deep_{level}", inner))
     # An ensemble whose first step is held at a gate (a run in progress for as long as the test wants).
     export_identity(root, "held", extra_config=gate_config(gate.directory))
     export_identity(root, "after")
@@ -146,7 +147,9 @@ def hostile_stub(hostile: Hostile, tmp_path_factory: pytest.TempPathFactory) -> 
 
 # Triton answers INVALID_ARGUMENT for a version that is not an integer (or out of int64
 # range) and NOT_FOUND for a well-formed version that is not served; so does ortserve.
-@pytest.mark.parametrize("version", ["\u00b2", "\u0661", "1\u0661", "-1", "1.0", str(10**30), "9223372036854775808", "v" * 100_000])
+@pytest.mark.parametrize(
+    "version", ["\u00b2", "\u0661", "1\u0661", "-1", "1.0", str(10**30), "9223372036854775808", "v" * 100_000]
+)
 def test_versions_that_are_not_ascii_decimals_are_invalid_argument(hostile_stub, version: str) -> None:  # type: ignore[no-untyped-def]
     stub = hostile_stub
     calls = [
@@ -284,8 +287,10 @@ def test_explicit_mode_reports_versions_refuses_cycles_and_follows_step_models(t
         with grpc.insecure_channel(server.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert first_output(stub.ModelInfer(request("pipe_outer"), timeout=30)) == [1.5, 1.5]
-            for call in (stub.RepositoryModelLoad, stub.RepositoryModelUnload):
-                message = pb.RepositoryModelLoadRequest if call is stub.RepositoryModelLoad else pb.RepositoryModelUnloadRequest
+            for call, message in (
+                (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest),
+                (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest),
+            ):
                 with pytest.raises(grpc.RpcError) as err:
                     call(message(model_name="m" * 100_000), timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 300

@@ -36,7 +36,10 @@ def _worker_of(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> str:
 
 
 def _per_worker(address: str, count: int = 2) -> Iterator[tuple[str, service_pb2_grpc.GRPCInferenceServiceStub]]:
-    """Yields (worker index, stub on a connection to it) once for each worker, opening connections until all were seen."""
+    """Yields (worker index, stub on a connection to it) once for each worker.
+
+    Opens fresh connections until every worker was seen.
+    """
     seen: set[str] = set()
     for _ in range(400):
         channel, stub = _fresh_stub(address)
@@ -132,12 +135,16 @@ def test_peer_header_on_the_public_port_acts_on_every_worker(repository, tmp_pat
     try:
         channel, stub = _fresh_stub(server.address)
         with channel:
-            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="addsub"), metadata=header, timeout=WAIT_S)
+            stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="addsub"), metadata=header, timeout=WAIT_S
+            )
         views = _views(server.address)
         assert all("addsub" not in ready for ready, _ in views.values()), views
         channel, stub = _fresh_stub(server.address)
         with channel:
-            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="suffix"), metadata=header, timeout=WAIT_S)
+            stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="suffix"), metadata=header, timeout=WAIT_S
+            )
             # Statistics asked with the header on the public port still add up every worker.
             stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="suffix"), metadata=header, timeout=WAIT_S)
             assert len(stats.model_stats) == 1
@@ -167,7 +174,9 @@ def _worker_pid(server: ServerProcess, index: int) -> int:
     return int(pids[-1])
 
 
-def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_serves(repository, tmp_path: Path) -> None:
+def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_serves(
+    repository, tmp_path: Path
+) -> None:
     server = _explicit_server(repository, tmp_path, "--load-model", "identity_fp32")
     try:
         channel, stub = _fresh_stub(server.address)
@@ -183,7 +192,8 @@ def test_a_killed_worker_is_restarted_with_the_current_models_while_the_other_se
         # Logged once the supervisor has reaped it: every thread is gone, so is its listening socket.
         # (Connections the kernel had queued on that socket when it died are reset: those are
         # the in-flight ones a client may see fail.)
-        wait_until(lambda: "worker 1 exited with signal 9 (SIGKILL); restarting" in server.log(), "the restart log line")
+        restarting = "worker 1 exited with signal 9 (SIGKILL); restarting"
+        wait_until(lambda: restarting in server.log(), "the restart log line")
         for _ in range(40):  # new connections reach the surviving worker (or the restarted one)
             channel, stub = _fresh_stub(server.address)
             with channel:
@@ -228,7 +238,9 @@ def _unavailable(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("attempt", range(5))
-def test_sigterm_with_requests_in_flight_on_both_workers_finishes_them(repository, tmp_path: Path, attempt: int) -> None:
+def test_sigterm_with_requests_in_flight_on_both_workers_finishes_them(
+    repository, tmp_path: Path, attempt: int
+) -> None:
     small = tmp_path / "repo"
     for name in ("gated", "addsub"):  # gated's config points at the shared gate directory
         shutil.copytree(repository.path / name, small / name)
@@ -252,9 +264,10 @@ def test_sigterm_with_requests_in_flight_on_both_workers_finishes_them(repositor
                 # The drain runs with the server still up: probes get an answer (not ready), not an error.
                 assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=WAIT_S).ready
                 # New work on a connection that is still open, while the held requests drain.
-                assert _unavailable(lambda: stub.ModelInfer(_addsub_request(), timeout=WAIT_S)) == grpc.StatusCode.UNAVAILABLE
+                code = _unavailable(lambda stub=stub: stub.ModelInfer(_addsub_request(), timeout=WAIT_S))
+                assert code == grpc.StatusCode.UNAVAILABLE
                 new_stream = stub.ModelStreamInfer(iter([_addsub_request()]), timeout=WAIT_S)
-                assert _unavailable(lambda: list(new_stream)) == grpc.StatusCode.UNAVAILABLE
+                assert _unavailable(lambda new_stream=new_stream: list(new_stream)) == grpc.StatusCode.UNAVAILABLE
         # The gate is open again: the held runs finish, and every byte of their answers arrives.
         responses = [unary.result(), *(r.infer_response for r in stream)]
         for response in responses:
@@ -388,7 +401,9 @@ class _FakeProcess:
         return self.returncode
 
 
-def test_restart_backoff_doubles_to_ten_seconds_and_resets_after_a_stable_run(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_restart_backoff_doubles_to_ten_seconds_and_resets_after_a_stable_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from server import workers
     from server.settings import Settings
 
