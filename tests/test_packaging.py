@@ -1,4 +1,4 @@
-"""The Dockerfile installs exactly as the README's command does, and the README starts with the two commands."""
+"""How ortserve is installed and started: serve.sh, the image (Dockerfile), the README's first two commands."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
-
 from tests.conftest import ROOT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 INSTALL = "bash scripts/setup.sh --runtime"
 
