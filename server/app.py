@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from importlib import metadata
 from typing import Any
 
@@ -37,6 +38,7 @@ from server.schema import _pool
 from server.service.control import decode_override
 from server.service.dataplane import DataPlane, ServerState, WorkerPeers
 from server.settings import Settings
+from server.tls import CertificateFiles, ReloadingContext, grpc_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,19 @@ class OrtServer:
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._metrics: HttpServer | None = None
+        # TLS on the public ports (None: plaintext); the HTTP context is shared by HTTP and metrics.
+        self._certificates = self._load_certificates()
+        self._ssl = ReloadingContext(self._certificates) if self._certificates is not None else None
+
+    def _load_certificates(self) -> CertificateFiles | None:
+        """The TLS files, loaded and checked now, so a bad pair stops the start with a clear message."""
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        if cert is None or key is None:
+            return None
+        try:
+            return CertificateFiles(cert, key, self.settings.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"TLS: could not load the certificate {cert} with the key {key}: {exc}") from exc
 
     async def start(self) -> int:
         """Loads the models, then starts listening; returns the bound port."""
@@ -119,13 +134,18 @@ class OrtServer:
         add_health_service(self.health, server, observer)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
+        public = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+            if self._certificates is not None:
+                self.port = server.add_secure_port(public, grpc_credentials(self._certificates))
+            else:
+                self.port = server.add_insecure_port(public)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
             raise SystemExit(f"could not listen on {self.settings.host}:{self.settings.port}")
         if worker is not None and self.settings.peer_dir is not None:
+            # Plaintext even with TLS: only sibling workers reach it, in the supervisor's 0700 directory.
             server.add_insecure_port(f"unix:{workers.worker_socket(self.settings.peer_dir, worker)}")
             add_peer_metrics_service(self.plane.local_metrics_json, server)
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
@@ -140,6 +160,8 @@ class OrtServer:
         self._server = server
         self.state.started = True
         await self._publish_health()
+        if self._ssl is not None and (self._http is not None or self._metrics is not None):
+            self._spawn(self._ssl.watch())  # gRPC looks at the files itself, at each new handshake
         if self.settings.model_control_mode == "poll":
             self._spawn(self._poll_repository())
         if worker is not None and self.settings.peer_dir is not None:
@@ -173,7 +195,8 @@ class OrtServer:
 
     async def _listen(self, app: Any, port: int, reuse_port: bool, what: str) -> HttpServer:
         try:
-            server = HttpServer(app, self.settings.host, port, reuse_port, "warning")
+            context = self._ssl.context if self._ssl is not None else None
+            server = HttpServer(app, self.settings.host, port, reuse_port, "warning", context)
         except OSError as exc:
             raise SystemExit(f"could not listen on {self.settings.host}:{port} ({what}): {exc}") from exc
         await server.start()

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     0 picks 2 on machines with 2 or more cores (measured best on 2 cores, see docs/benchmarks.md), else 1."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """auto: uvloop when it is installed, else asyncio's own loop."""
+    tls_cert: Path | None = None
+    """TLS on the gRPC, HTTP and metrics ports: the server certificate (PEM, then any intermediates), re-read
+    when it changes on disk (new connections get the new one). Needs tls_key."""
+    tls_key: Path | None = None
+    """The TLS certificate's private key (PEM, unencrypted), re-read with the certificate."""
+    tls_client_ca: Path | None = None
+    """Mutual TLS: clients must present a certificate issued by a CA in this PEM file (read at start)."""
     worker_index: int | None = None
     """Set by the supervisor in a worker process; not a user setting."""
     peer_dir: Path | None = None
@@ -109,7 +116,19 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_send_message_bytes > (1 << 31) - 1 or self.max_receive_message_bytes > (1 << 31) - 1:
             raise ValueError("message size limits must be below 2 GiB (gRPC's limit)")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        """TLS files come as a pair (plus an optional client CA) and must be readable: said at start, clearly."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+                raise ValueError(f"{name}: {path} is not a readable file")
 
 
 # Set by the supervisor for its workers, hidden from --help.

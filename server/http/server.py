@@ -4,6 +4,9 @@ The socket is made here (not by uvicorn) so that --workers can share the port wi
 SO_REUSEPORT, as gRPC does, and so that port 0 is resolved before the port file is written.
 uvicorn's `serve()` would install its own SIGTERM/SIGINT handlers; the app owns those
 (server/app.py), so the server runs without them and is stopped by `stop()`.
+With TLS, the app hands over its own `ssl.SSLContext` (server/tls.py), which it reloads in place
+when the certificate changes; uvicorn is given that object (not file names, from which it would build
+a context of its own), so that its listener and our reloads share the one context.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Generator
 
 import uvicorn
@@ -56,9 +60,13 @@ class HttpServer:
         port: Port (0: a free one).
         reuse_port: Share the port with sibling workers (SO_REUSEPORT).
         log_level: uvicorn's log level.
+        ssl_context: Serve HTTPS with this context (None: plain HTTP).
     """
 
-    def __init__(self, app: ASGIApp, host: str, port: int, reuse_port: bool, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: ASGIApp, host: str, port: int, reuse_port: bool, log_level: str = "warning",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._socket = bind_socket(host, port, reuse_port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
@@ -71,6 +79,11 @@ class HttpServer:
             log_config=None,  # uvicorn's loggers go through the server's handler (text or JSON, request ids)
             server_header=False,
         )
+        if ssl_context is not None:
+            # Loaded here rather than in serve() (which skips a loaded config), so the context set after
+            # the load is the one serve() gives asyncio: the same object our reloads update.
+            config.load()
+            config.ssl = ssl_context
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
