@@ -11,6 +11,26 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check"
+
+# apt_install_for_tests COMMAND SERVICE PACKAGE...: installs the Debian packages unless COMMAND is there already,
+# then stops and disables SERVICE where the package started one.
+apt_install_for_tests() {
+    local command=$1 service=$2
+    shift 2
+    if command -v "$command" >/dev/null || [ -x "/usr/sbin/$command" ]; then
+        return
+    fi
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    if [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now "$service" >/dev/null 2>&1 || true
+    elif [ -x "/etc/init.d/$service" ]; then
+        $sudo "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+        $sudo update-rc.d "$service" disable >/dev/null 2>&1 || true
+    fi
+}
 # The runtime's stamp: a hash of what decides its install (the dependency spec and the Python), written once
 # the server is installed; both set-ups write it, so serve.sh after test.sh installs nothing either.
 stamp=$(cat pyproject.toml setup.py <(.venv/bin/python -VV) 2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -32,38 +52,15 @@ else
     echo "$stamp" > .venv/.ortserve-runtime-stamp
     # The test suite runs a short genai-perf profile against the server.
     bash bench/setup_genai_perf.sh
-    # The Node.js client (clients/node; tests/test_node_client.py runs it): its locked dependencies, installed
-    # again only when node_modules is missing or older than the lock file.
-    if ! command -v npm >/dev/null; then
-        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-        $SUDO apt-get update -qq
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
-    fi
+    # Debian packages the tests run: nodejs/npm (the Node.js client, tests/test_node_client.py), prometheus and
+    # promtool (tests/test_prometheus.py starts its own Prometheus), nginx (tests/test_replicas.py starts its own,
+    # on loopback). The packages' own services (Prometheus on :9090, nginx on :80) are stopped: nothing uses them.
+    apt_install_for_tests npm npm nodejs npm
+    apt_install_for_tests prometheus prometheus prometheus
+    apt_install_for_tests nginx nginx nginx
+    # The Node.js client's locked dependencies, installed again only when node_modules is missing or older than
+    # the lock file.
     if [ ! -d clients/node/node_modules ] || [ clients/node/package-lock.json -nt clients/node/node_modules ]; then
         (cd clients/node && npm ci --loglevel=error --no-audit --no-fund >/dev/null)
-    fi
-    # tests/test_prometheus.py runs Debian's prometheus and promtool (it starts its own Prometheus).
-    if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-        $SUDO apt-get update -qq
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-        # The package starts a system Prometheus on :9090 where an init system lets it; nothing here uses it.
-        if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-        elif [ -x /etc/init.d/prometheus ]; then
-            $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true
-            $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
-        fi
-    fi
-    # tests/test_replicas.py runs Debian's nginx in front of three replicas (it starts its own, on loopback).
-    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-        $SUDO apt-get update -qq
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
-        # The package starts a system nginx on :80 where an init system lets it; nothing here uses it.
-        if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
-        elif [ -x /etc/init.d/nginx ]; then
-            $SUDO /etc/init.d/nginx stop >/dev/null 2>&1 || true
-            $SUDO update-rc.d nginx disable >/dev/null 2>&1 || true
-        fi
     fi
 fi
