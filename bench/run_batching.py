@@ -34,16 +34,18 @@ def perf_env() -> dict[str, str]:
     return env
 
 
-def perf_analyzer(model: str, port: int, concurrency: int, interval_ms: int) -> dict[str, float]:
-    """One perf_analyzer measurement; returns throughput and latency percentiles (ms)."""
-    csv_path = OUT / "pa.csv"
+def perf_analyzer(
+    model: str, port: int, concurrency: int, interval_ms: int, csv_name: str = "pa.csv"
+) -> dict[str, float]:
+    """One perf_analyzer measurement over gRPC; returns throughput and latency percentiles (ms)."""
+    csv_path = OUT / csv_name
     csv_path.unlink(missing_ok=True)
     command = [
         str(BENCH / "tools" / "perf_analyzer"), "-m", model, "-i", "grpc", "-u", f"127.0.0.1:{port}",
         "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
         "--max-trials", "10", "-s", "30", "-f", str(csv_path),
     ]
-    result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=600)
     return read_perf_csv(csv_path, result)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_env, read_perf_csv  # noqa: E402
+from run_batching import OUT, PYTHON, ROOT, perf_analyzer  # noqa: E402
 
 BASE_COMMIT = "02af0c1"  # the commit just before 55a1334 (Prometheus metrics)
 
@@ -187,19 +187,6 @@ def measured(server: Server, model: str, run: Callable[[], dict[str, float]]) ->
     return result
 
 
-def perf_analyzer(label: str, model: str, port: int, concurrency: int, interval_ms: int) -> dict[str, float]:
-    """One perf_analyzer measurement over gRPC (the same flags as bench/run_batching.py)."""
-    csv_path = OUT / f"pa_metrics_{label}.csv"
-    csv_path.unlink(missing_ok=True)
-    command = [
-        str(BENCH / "tools" / "perf_analyzer"), "-m", model, "-i", "grpc", "-u", f"127.0.0.1:{port}",
-        "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-        "--max-trials", "10", "-s", "30", "-f", str(csv_path),
-    ]
-    result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=600)
-    return read_perf_csv(csv_path, result)
-
-
 class BaseWorktree:
     """A detached git worktree of the base commit in a temporary directory, sharing this checkout's .venv."""
 
@@ -257,7 +244,9 @@ def measure_rounds(servers: dict[str, Server], args: argparse.Namespace) -> Resu
     for round_index in range(args.rounds):
         for label, server in servers.items():
             def run(label: str = label, server: Server = server) -> dict[str, float]:
-                return perf_analyzer(label, args.model, server.grpc_port, args.concurrency, args.interval_ms)
+                return perf_analyzer(
+                    args.model, server.grpc_port, args.concurrency, args.interval_ms, f"pa_metrics_{label}.csv"
+                )
 
             if label == "C":
                 assert server.metrics_port is not None
