@@ -81,23 +81,36 @@ async def test_seed_gives_the_same_tokens_whatever_shares_the_batch(scheduler) -
     assert output_ids(mixed) == alone
 
 
-async def test_admission_while_others_decode(scheduler) -> None:
+async def test_admission_while_others_decode(scheduler, model_dir: Path) -> None:
     alone = output_ids(await collect(scheduler, b"for i in ", GREEDY))
+    # The model is held between steps, so "the second stream joins while the first decodes" is a state the
+    # test makes, not a race between the test's polling and the decode steps.
+    session = OnnxRuntimeSession((model_dir / "1" / "model.onnx").read_bytes(), model_dir, SessionOptions())
+    gated = GatedRuntime(session)
+    held = GenerationScheduler(gated, json.loads((model_dir / "generation.json").read_text()), max_num_seqs=8)
+    rows_per_run: list[int] = []
+    gated.on_run = lambda: rows_per_run.append(len(held.running()))
     received: list[int] = []
 
     async def first_stream() -> None:
         long = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
-        async for chunk in scheduler.generate(b"while True:", long):
+        async for chunk in held.generate(b"while True:", long):
             received.extend(chunk.token_ids)
 
     first = asyncio.create_task(first_stream())
-    # Six tokens out: the prefill's and five decode steps'.
-    await wait_until(lambda: len(received) >= 6, "five decode steps of the first stream")
-    joined = await collect(scheduler, b"for i in ", GREEDY)
-    assert not first.done()  # it was decoding when the second one joined
+    gated.permits.release(6)  # the prefill and five decode steps, then the model waits at the gate
+    await wait_until(lambda: len(gated.batch_sizes) == 6 and gated.entered == 7, "six runs of the first stream")
+    second = asyncio.create_task(collect(held, b"for i in ", GREEDY))
+    await wait_until(lambda: held.load()[1] == 1, "the second stream to wait for a place")
+    assert not first.done() and held.load()[0] == 1  # the first is mid-decode as the second arrives
+    gated.permits.release(100_000)
+    joined = await second
     await first
     assert len(received) == 60
     assert output_ids(joined) == alone
+    # Both decoded in one batch: the first stream was still in it when the second was admitted.
+    assert 2 in rows_per_run, rows_per_run
+    held.close()
 
 
 # The tokens the scheduler wrote for these streams before the decode batch had its own module
