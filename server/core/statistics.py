@@ -119,7 +119,7 @@ class ModelStats:
                 self.failures[failure] += 1
 
     def frozen(self) -> ModelStats:
-        """A consistent copy of the counters and histograms (for a metrics scrape), taken under the lock."""
+        """A consistent copy of every counter and histogram (for statistics and metrics), taken under the lock."""
         with self._lock:
             return ModelStats(
                 success=Duration(self.success.count, self.success.ns),
@@ -131,6 +131,14 @@ class ModelStats:
                 inference_count=self.inference_count,
                 execution_count=self.execution_count,
                 last_inference_ms=self.last_inference_ms,
+                batch_stats={
+                    size: BatchStats(
+                        Duration(b.compute_input.count, b.compute_input.ns),
+                        Duration(b.compute_infer.count, b.compute_infer.ns),
+                        Duration(b.compute_output.count, b.compute_output.ns),
+                    )
+                    for size, b in self.batch_stats.items()
+                },
                 failures=dict(self.failures),
                 request_seconds=self.request_seconds.copy(),
                 queue_seconds=self.queue_seconds.copy(),

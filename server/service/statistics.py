@@ -35,8 +35,11 @@ class VersionStatistics:
 
     @classmethod
     def of(cls, model: Any) -> VersionStatistics:
-        """A copy of a served model's counters (Model or EnsembleModel: both carry `stats`)."""
-        stats = model.stats
+        """A copy of a served model's counters (Model or EnsembleModel: both carry `stats`).
+
+        Taken from one snapshot under the statistics lock, so the counters agree with each other.
+        """
+        stats = model.stats.frozen()
         copy = cls(
             name=model.name,
             version=str(model.version),
