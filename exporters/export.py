@@ -20,7 +20,11 @@ from server.runtime import onnx as ort_runtime
 from server.schema import model_config_pb2 as mc
 
 
-class ExportMismatchError(Exception):
+class ExportError(Exception):
+    """A model that cannot be exported as asked; the message says what to change."""
+
+
+class ExportMismatchError(ExportError):
     """ONNX Runtime's outputs differ from PyTorch's beyond the spec's tolerance."""
 
 
