@@ -86,6 +86,10 @@ def load_model(
         config = repository.read_config(name)
     if is_ensemble(config):
         raise ModelLoadError("an ensemble is loaded by the registry, not as an ONNX model")
+    if config.backend == "tokenizer":  # a tokenizer.json served as a model (tokenizer_models.py)
+        from server.repository.tokenizer_models import load_tokenizer_model
+
+        return load_tokenizer_model(repository, name, config, default_max_batch_size, abandoned)
     if config.platform not in ("", model_config.ONNX_PLATFORM) or config.backend not in ("", model_config.ONNX_BACKEND):
         raise ModelLoadError(
             f"platform '{config.platform or config.backend}' is not supported; ortserve serves ONNX models"
