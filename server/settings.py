@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.runtime.cpus import usable_cpus
+
 
 class Settings(BaseSettings):
     """Everything `ortserve serve` can be told."""
@@ -76,7 +78,8 @@ class Settings(BaseSettings):
     """Models to load at start in explicit mode ("*" for all)."""
     workers: int = Field(0, ge=0, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own models and batchers;
-    0 picks 2 on machines with 2 or more cores (measured best on 2 cores, see docs/benchmarks.md), else 1."""
+    0 picks 2 where this process may use 2 or more CPUs (affinity mask and cgroup quota; measured best on 2
+    cores, see docs/benchmarks.md), else 1."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """auto: uvloop when it is installed, else asyncio's own loop."""
     tls_cert: Path | None = None
@@ -107,10 +110,10 @@ class Settings(BaseSettings):
         return self.http_max_body_bytes if self.http_max_body_bytes is not None else self.max_receive_message_bytes
 
     def resolved_workers(self) -> int:
-        """The worker count, with 0 (auto) resolved for this machine."""
+        """The worker count, with 0 (auto) resolved for the CPUs this process may use (affinity, cgroup quota)."""
         if self.workers:
             return self.workers
-        return 2 if (os.cpu_count() or 1) >= 2 else 1
+        return 2 if usable_cpus() >= 2 else 1
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from server.core import datatypes
 from server.core.batcher import HARD_QUEUE_LIMIT, QueuePolicy, SchedulerConfig
 from server.core.errors import InvalidInputError, ModelLoadError, quoted
 from server.core.types import TensorSpec
+from server.runtime import cpus
 from server.runtime import onnx as ort_runtime
 from server.runtime.base import GraphTensor
 from server.schema import model_config_pb2 as mc
@@ -37,12 +37,12 @@ MAX_GENERATION_SEQS = 1_024
 
 def max_instances() -> int:
     """Most instances (sessions, each a copy of the model) one model version may have."""
-    return max(4 * (os.cpu_count() or 1), 16)
+    return max(4 * cpus.usable_cpus(), 16)
 
 
 def max_threads() -> int:
     """Most intra-/inter-op threads one session may ask for."""
-    return max(4 * (os.cpu_count() or 1), 64)
+    return max(4 * cpus.usable_cpus(), 64)
 # Triton's ORT backend meaning of optimization.graph.level.
 _TRITON_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended"}
 
@@ -227,9 +227,12 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
         if "intra_op_thread_count" in params:
             options.intra_op_threads = int(params["intra_op_thread_count"])
         else:
-            # N instances each using every core would oversubscribe the machine.
+            # N instances each using every CPU would oversubscribe the machine. One instance on an
+            # unrestricted machine keeps ONNX Runtime's own choice (its physical cores); under an
+            # affinity mask or a cgroup quota ORT would size its pool for CPUs it cannot use.
             count = instance_count(config)
-            options.intra_op_threads = max(1, (os.cpu_count() or 1) // count) if count > 1 else 0
+            usable = cpus.usable_cpus()
+            options.intra_op_threads = max(1, usable // count) if count > 1 or cpus.restricted() else 0
         options.inter_op_threads = int(params.get("inter_op_thread_count", "0"))
         options.parallel_execution = int(params.get("execution_mode", "0")) == 1
         options.enable_mem_arena = _flag(params.get("enable_mem_arena", "true"))

@@ -176,8 +176,9 @@ def _load_version(
             instance.close()
         raise
     logger.info(
-        "loaded model '%s' version %d on %s (%d instance(s), max_batch_size %d)",
+        "loaded model '%s' version %d on %s (%d instance(s), max_batch_size %d, intra-op threads %s)",
         name, version, first.providers[0], len(instances), config.max_batch_size,
+        options.intra_op_threads or "ONNX Runtime's default",
     )
     return model
 

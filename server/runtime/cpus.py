@@ -1,0 +1,95 @@
+"""How many CPUs this process may actually use: its affinity mask and its cgroup v2 quota, not the machine's count.
+
+`os.cpu_count()` counts the machine's CPUs. In a container limited to 2 CPUs on a 64-core
+host, or under `taskset -c 0`, sizing workers and ONNX Runtime's thread pools from it
+starts many more runnable threads than there are CPUs to run them, and they preempt one
+another (a cgroup quota even stalls the whole group for the rest of its period once spent).
+
+A leaf of the standard library: the settings (worker count) and the repository (intra-op
+threads) both read it. It lives under runtime/ because thread pools are the runtime's
+business and every layer that needs it may import the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def affinity_cpus() -> int:
+    """CPUs in this process's affinity mask (`taskset`, `docker --cpuset-cpus`); the machine's count where the
+    platform has no affinity call."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def read_cpu_max(path: Path) -> int | None:
+    """The CPU count a cgroup v2 `cpu.max` file allows: quota / period rounded up; None when unlimited.
+
+    The file holds "<quota> <period>" in microseconds, or "max <period>" for no limit.
+    A missing, unreadable or malformed file also means no limit known: the quota is a
+    refinement, and a server that cannot read it should still start.
+    """
+    try:
+        fields = path.read_text().split()
+    except OSError:
+        return None
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    # A quota of 1.5 CPUs can keep two threads busy part of the time: round up, never to 0.
+    return max(1, math.ceil(quota / period))
+
+
+def cgroup_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> int | None:
+    """The tightest cgroup v2 CPU quota over this process's cgroup and its ancestors; None when unlimited.
+
+    A quota set on a parent cgroup (the container's) limits every cgroup below it, so the
+    walk goes from the process's own cgroup (named by the "0::<path>" line of
+    /proc/self/cgroup) up to the root. Without that line (cgroup v1, or no /proc) only
+    `root/cpu.max` is read, which inside a container's cgroup namespace is the container's.
+    Defaults (read at call time, so tests can point them elsewhere): CGROUP_ROOT, PROC_CGROUP.
+    """
+    root = CGROUP_ROOT if root is None else root
+    proc_cgroup = PROC_CGROUP if proc_cgroup is None else proc_cgroup
+    relative = ""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                relative = line[3:].strip().strip("/")
+                break
+    except OSError:
+        pass
+    directory = root / relative if relative else root
+    limits = []
+    while True:
+        limit = read_cpu_max(directory / "cpu.max")
+        if limit is not None:
+            limits.append(limit)
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(limits) if limits else None
+
+
+def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
+    """CPUs this process may use: the smaller of its affinity mask and its cgroup quota (at least 1)."""
+    quota = cgroup_cpus(root, proc_cgroup)
+    affinity = affinity_cpus()
+    return max(1, min(affinity, quota) if quota is not None else affinity)
+
+
+def restricted(root: Path | None = None, proc_cgroup: Path | None = None) -> bool:
+    """Whether this process may use fewer CPUs than the machine has (an affinity mask or a quota limits it)."""
+    return usable_cpus(root, proc_cgroup) < (os.cpu_count() or 1)

@@ -1,0 +1,106 @@
+"""The CPUs the process may use: cgroup v2 quota files (fake ones here) and the affinity mask."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.runtime import cpus
+from server.schema import model_config_pb2 as mc
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max 100000\n", None),  # unlimited
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # 1.5 CPUs: rounded up
+        ("50000 100000\n", 1),  # half a CPU: still one thread
+        ("100000 100000", 1),
+        ("400000 50000\n", 8),
+        ("", None),
+        ("garbage\n", None),
+        ("x 100000\n", None),
+        ("100000 0\n", None),
+        ("-1 100000\n", None),
+    ],
+)
+def test_read_cpu_max(tmp_path: Path, text: str, expected: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(text)
+    assert cpus.read_cpu_max(path) == expected
+
+
+def test_a_missing_cpu_max_means_no_limit(tmp_path: Path) -> None:
+    assert cpus.read_cpu_max(tmp_path / "absent") is None
+
+
+def fake_cgroups(tmp_path: Path, limits: dict[str, str], own: str | None) -> tuple[Path, Path]:
+    """A cgroup tree under tmp_path/cg with cpu.max files, and a /proc/self/cgroup naming `own`."""
+    root = tmp_path / "cg"
+    for relative, text in limits.items():
+        directory = root / relative if relative else root
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cpu.max").write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"0::/{own}\n" if own is not None else "12:cpu,cpuacct:/docker/abc\n")
+    return root, proc
+
+
+def test_the_tightest_quota_on_the_way_to_the_root_counts(tmp_path: Path) -> None:
+    root, proc = fake_cgroups(
+        tmp_path, {"": "max 100000", "kube/pod": "300000 100000", "kube/pod/box": "max 100000"}, "kube/pod/box"
+    )
+    assert cpus.cgroup_cpus(root, proc) == 3
+    root, proc = fake_cgroups(tmp_path, {"kube": "100000 100000", "kube/pod/box": "800000 100000"}, "kube/pod/box")
+    assert cpus.cgroup_cpus(root, proc) == 1
+
+
+def test_no_quota_anywhere_is_none(tmp_path: Path) -> None:
+    root, proc = fake_cgroups(tmp_path, {"": "max 100000", "a": "max 100000"}, "a")
+    assert cpus.cgroup_cpus(root, proc) is None
+    assert cpus.cgroup_cpus(tmp_path / "nothing", tmp_path / "no_proc") is None
+
+
+def test_without_a_v2_line_the_root_file_is_read(tmp_path: Path) -> None:
+    """Inside a container's cgroup namespace the container's own limit is the root's file."""
+    root, proc = fake_cgroups(tmp_path, {"": "250000 100000"}, None)
+    assert cpus.cgroup_cpus(root, proc) == 3
+
+
+def test_usable_is_the_smaller_of_quota_and_affinity(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    root, proc = fake_cgroups(tmp_path, {"": "100000 100000"}, "")
+    assert cpus.usable_cpus(root, proc) == 1
+    root, proc = fake_cgroups(tmp_path, {"": f"{(affinity + 5) * 100000} 100000"}, "")
+    assert cpus.usable_cpus(root, proc) == affinity
+    root, proc = fake_cgroups(tmp_path, {"": "max 100000"}, "")
+    assert cpus.usable_cpus(root, proc) == affinity
+
+
+def test_the_affinity_mask_counts_not_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert cpus.affinity_cpus() == 1
+
+
+def test_settings_and_session_options_follow_the_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.repository import config as model_config
+    from server.settings import Settings
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", Path("/nonexistent"))
+    assert Settings().resolved_workers() == 1
+    assert Settings(workers=3).resolved_workers() == 3  # an explicit count stands
+    one = mc.ModelConfig(name="m")
+    assert model_config.session_options(one, "cpu").intra_op_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert Settings().resolved_workers() == 2
+    assert model_config.session_options(one, "cpu").intra_op_threads == 8  # restricted: 8 of 64
+    two = mc.ModelConfig(name="m", instance_group=[mc.ModelInstanceGroup(count=2)])
+    assert model_config.session_options(two, "cpu").intra_op_threads == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert model_config.session_options(one, "cpu").intra_op_threads == 0  # the whole machine: ORT's choice
