@@ -54,7 +54,8 @@ class TokenizerRuntime(Runtime):
             self._tokenizer = Tokenizer.from_str(text)
             saved = json.loads(text)
         except Exception as exc:  # OSError, JSON errors, and the library's own plain Exception
-            raise ModelLoadError(f"{path.name} is not a tokenizer the tokenizers library reads: {first_line(exc)}") from exc
+            reason = first_line(exc)
+            raise ModelLoadError(f"{path.name} is not a tokenizer the tokenizers library reads: {reason}") from exc
         if max_length < 0 or pad_to_multiple_of < 0:
             raise ModelLoadError("max_length and pad_to_multiple_of must be >= 0")
         saved_truncation = saved.get("truncation") or {}
