@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.errors import ServerError
-from server.http import ClientDisconnectedError, kserve, openai
+from server.http import ClientDisconnectedError, embeddings, kserve, openai
 from server.http.errors import bounded, error_body, log_error, openai_error_body, status_for
 from server.http.kserve import json_response
 from server.http.metrics import ObserveRequests, metrics_response
@@ -47,6 +47,7 @@ def create_app(
     app.state.plane = plane
     app.include_router(kserve.router)
     app.include_router(openai.router)  # OpenAI-compatible routes (server/http/openai.py)
+    app.include_router(embeddings.router)  # POST /v1/embeddings (server/http/embeddings.py)
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(BodyTooLargeError, _too_large)
