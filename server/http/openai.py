@@ -37,7 +37,7 @@ from server.core.sampling import SamplingParams
 from server.http import data_plane, until_disconnect
 from server.http.errors import log_error, openai_error_body, status_for
 from server.http.sse import EventStream, close_source, prefetch
-from server.service import textgen
+from server.service import embeddings, textgen
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +210,9 @@ def _error_event(exc: Exception) -> dict[str, object]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
-    """The ready text-generation models, as OpenAI's model list."""
-    names = textgen.generation_models(data_plane(request))
+    """The ready text-generation and embedding models, as OpenAI's model list."""
+    plane = data_plane(request)
+    names = sorted({*textgen.generation_models(plane), *embeddings.embedding_models(plane)})
     data = [{"id": name, "object": "model", "created": 0, "owned_by": OWNER} for name in names]
     return _JSONResponse({"object": "list", "data": data})
 
