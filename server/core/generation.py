@@ -1,8 +1,9 @@
 """Continuous batching for exported decoders: streams join and leave the batch between decode steps.
 
-The model is any ONNX decoder exported with `input_ids`, `attention_mask`, `position_ids`
-and per-layer `past_key_values.{i}.key|value` inputs (outputs `logits`, `present.*`),
-described by a generation.json. One model thread owns the batch (a DecodeBatch: caches
+The model is any ONNX decoder exported with `input_ids`, `attention_mask`, optionally
+`position_ids`, and per-layer `past_key_values.{i}.key|value` inputs (outputs `logits`,
+`present.*`; decoder_layout.py reads the cache's shape and type from the graph), with a
+tokenizer (tokenizer.py) named by its generation.json. One model thread owns the batch (a DecodeBatch: caches
 padded on the left to a common length, an attention mask, next positions) and runs step
 after step without waiting for the event loop: it prefills and merges new streams between
 steps, drops finished and cancelled ones, samples every row in one vectorised pass, and
@@ -23,12 +24,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from server.core.batcher import run_instance
-from server.core.decode_batch import DecodeBatch, empty_caches, plan_prefill, prompt_inputs
+from server.core.decode_batch import DecodeBatch, plan_prefill, prompt_inputs
+from server.core.decoder_layout import DecoderLayout
 from server.core.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -38,6 +41,7 @@ from server.core.errors import (
 )
 from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw
 from server.core.statistics import GenerationStats
+from server.core.tokenizer import Detokenizer, Tokenizer, load_tokenizer
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class Stream:
     """
 
     prompt_ids: list[int]
+    prompt_tokens: int  # as reported in usage (the byte-level tokenizer does not count its BOS)
     params: SamplingParams
     rng: random.Random
     deadline: float | None
@@ -73,6 +78,7 @@ class Stream:
     queue: asyncio.Queue[Delivery]
     stops: StopMatcher
     max_output: int  # tokens this stream may write: max_tokens, or less where the context ends first
+    detokenizer: Detokenizer
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     output_ids: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)
@@ -88,7 +94,8 @@ class GenerationScheduler:
 
     Args:
         runtime: The exported decoder.
-        info: Its generation.json (eos_token_id, bos_token_id, context_length, num_layers, ...).
+        info: Its generation.json (context_length; tokenizer; for the byte-level tokenizer
+            bos_token_id and eos_token_id; head counts only where the graph leaves them symbolic).
         max_num_seqs: Most streams in the batch at once.
         max_queued: Most streams waiting for a place; more are refused (RESOURCE_EXHAUSTED).
         max_batch_tokens: Token budget of the batch: a stream is admitted only while the
@@ -98,6 +105,12 @@ class GenerationScheduler:
             message up to 15 active streams, then one more per 16 streams (each message
             costs the server a gRPC write; clients see the same text, in fewer pieces).
             A stream's first token is always sent at once, alone.
+        tokenizer: The model's tokenizer; by default the one generation.json names, read from
+            `model_dir`.
+        model_dir: Where the tokenizer's files are.
+
+    Raises:
+        ModelLoadError: the graph is not a decoder in the common layout, or the tokenizer cannot load.
     """
 
     def __init__(
@@ -108,20 +121,21 @@ class GenerationScheduler:
         max_queued: int = 256,
         max_batch_tokens: int = 0,
         stream_interval: int = 0,
+        tokenizer: Tokenizer | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.runtime = runtime
-        self.eos = int(info["eos_token_id"])
-        self.bos = int(info["bos_token_id"])
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir or Path("."), info)
+        self.eos_ids = sorted(self.tokenizer.eos_ids)
+        self.pad_id = self.eos_ids[0]  # any valid id: the mask hides padding
         self.context_length = int(info["context_length"])
-        self.layers = int(info["num_layers"])
-        self.heads = int(info["num_heads"])
-        self.head_dim = int(info["head_dim"])
+        self.layout = DecoderLayout.of(runtime.inputs, runtime.outputs, info)
         self.max_num_seqs = max_num_seqs
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens or max_num_seqs * self.context_length
         self.stream_interval = stream_interval
-        self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        self.output_names = self.layout.output_names
+        self.past_names = self.layout.past_names
         # Shared between the event loop and the model thread, under _wakeup's lock.
         self._wakeup = threading.Condition()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -159,9 +173,10 @@ class GenerationScheduler:
             return self._in_flight > 0
 
     async def generate(
-        self, prompt: bytes, params: SamplingParams, deadline_s: float | None = None
+        self, prompt: bytes | str, params: SamplingParams, deadline_s: float | None = None
     ) -> AsyncIterator[TokenChunk]:
-        """Streams the completion of `prompt` chunk by chunk; the last chunk has a finish reason.
+        """Streams the completion of `prompt` (text, or its UTF-8 bytes) chunk by chunk; the last
+        chunk has a finish reason.
 
         Raises:
             InvalidInputError: bad parameters, or a prompt that does not fit the context.
@@ -174,7 +189,8 @@ class GenerationScheduler:
             raise InvalidInputError(
                 f"max_tokens is {params.max_tokens}; the model's context is {self.context_length} tokens"
             )
-        prompt_ids = [self.bos, *prompt]
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer.encode_bytes(prompt) if isinstance(prompt, bytes) else tokenizer.encode(prompt)
         if len(prompt_ids) >= self.context_length:
             raise InvalidInputError(
                 f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_length}"
@@ -182,6 +198,7 @@ class GenerationScheduler:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         stream = Stream(
             prompt_ids=prompt_ids,
+            prompt_tokens=len(prompt_ids) - (1 if tokenizer.bos_id is not None and tokenizer.counts_bos_apart else 0),
             params=params,
             rng=random.Random(seed),
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
@@ -189,6 +206,7 @@ class GenerationScheduler:
             queue=asyncio.Queue(),
             stops=StopMatcher(params.stop),
             max_output=min(params.max_tokens, self.context_length - len(prompt_ids)),
+            detokenizer=tokenizer.detokenizer(),
         )
         with self._wakeup:
             if self._closing:
@@ -221,7 +239,7 @@ class GenerationScheduler:
                 now = time.perf_counter()
                 if last_chunk is None:
                     queued = (stream.admitted if stream.admitted is not None else now) - stream.arrived
-                    stats.first_chunk(queued, now - stream.arrived, len(stream.prompt_ids) - 1)
+                    stats.first_chunk(queued, now - stream.arrived, stream.prompt_tokens)
                 count = len(item.token_ids)
                 if item.finish_reason is not None:
                     count = item.completion_tokens - tokens_counted  # the end-of-text token is not output
@@ -316,7 +334,9 @@ class GenerationScheduler:
     def _feed(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]
     ) -> dict[str, np.ndarray]:
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self.layout.position_ids:
+            feed["position_ids"] = positions
         feed.update(zip(self.past_names, caches, strict=True))
         return feed
 
@@ -331,8 +351,8 @@ class GenerationScheduler:
         last_logits = []
         for group in plan_prefill([len(s.prompt_ids) for s in streams]):
             members = [streams[i] for i in group]
-            ids, mask, positions = prompt_inputs([s.prompt_ids for s in members], self.eos)
-            empty = empty_caches(len(members), self.layers, self.heads, self.head_dim)
+            ids, mask, positions = prompt_inputs([s.prompt_ids for s in members], self.pad_id)
+            empty = self.layout.empty_caches(len(members))
             logits, *caches = self._run_model(self._feed(ids, mask, positions, empty))
             pieces.append(DecodeBatch.prefilled(members, caches, mask, positions))
             last_logits.append(logits[:, -1])
@@ -384,8 +404,13 @@ class GenerationScheduler:
             if columns.any_penalty else ((),) * len(live)
         )
         uniforms = [s.rng.random() if sampled else 0.0 for s, sampled in zip(live, columns.sampled, strict=True)]
-        # Before min_tokens, the end-of-sequence token is simply not a choice.
-        allowed = [self.eos if len(s.output_ids) < s.params.min_tokens else self.eos + 1 for s in live]
+        # Before min_tokens, the end-of-sequence tokens are simply not a choice. `logits` is this
+        # step's own array (the model's output or a copy), so it is changed in place.
+        for row, stream in enumerate(live):
+            if len(stream.output_ids) < stream.params.min_tokens:
+                logits[row, self.eos_ids] = -np.inf
+        # Ids past the tokenizer's vocabulary (a model's padded embedding table) have no text.
+        allowed = [min(logits.shape[-1], self.tokenizer.vocab_size)] * len(live)
         tokens: list[int | None]
         try:
             tokens = list(draw(logits, columns, seen, uniforms, allowed))
@@ -431,16 +456,19 @@ class GenerationScheduler:
         stream.unsent_ids.append(token)
         finish: str | None = None
         hit = False
-        if token == self.eos and not stream.params.ignore_eos:
+        eos = token in self.tokenizer.eos_ids
+        if eos and not stream.params.ignore_eos:
             finish, data = "stop", b""
         else:
-            data = _BYTE_TEXT[token] if token < 256 else b""
+            data = stream.detokenizer.add(token)
+        if finish is None and len(stream.output_ids) >= stream.max_output:
+            finish = "length"
+        if finish is not None:
+            data += stream.detokenizer.flush()  # an unfinished character's replacement
         if stream.stops.stops:
             data, hit = stream.stops.feed(data)
             if hit:
                 finish = "stop"
-        if finish is None and len(stream.output_ids) >= stream.max_output:
-            finish = "length"
         if finish is None:
             stream.unsent_text += stream.decoder.decode(data)
             # The first text goes out at once (time to first token); later text every `interval` tokens.
@@ -454,13 +482,9 @@ class GenerationScheduler:
             data += stream.stops.flush()  # text held back as a possible start of a stop string
         stream.done = True
         text = stream.unsent_text + stream.decoder.decode(data, final=True)
-        counted = len(stream.output_ids) - (1 if finish == "stop" and token == self.eos else 0)
+        counted = len(stream.output_ids) - (1 if eos and not stream.params.ignore_eos else 0)
         ids, stream.unsent_ids, stream.unsent_text = stream.unsent_ids, [], ""
-        return TokenChunk(text, ids, finish, len(stream.prompt_ids) - 1, counted)
-
-
-# The text of each byte-level token.
-_BYTE_TEXT = tuple(bytes([i]) for i in range(256))
+        return TokenChunk(text, ids, finish, stream.prompt_tokens, counted)
 
 
 def _send(outbox: list[tuple[Stream, Delivery]]) -> None:

@@ -197,9 +197,15 @@ TEXT_INPUTS = [
 def _generation_setup(
     config: mc.ModelConfig, runtime: Runtime, path: Path
 ) -> tuple[GenerationScheduler, ModelSignature]:
-    """A decoder with generation.json is served as text in, text out (Triton's convention), decoupled."""
+    """A decoder with generation.json is served as text in, text out (Triton's convention), decoupled.
+
+    The graph must be in the common decoder layout (server/core/decoder_layout.py); the
+    tokenizer is the one generation.json's `tokenizer` names (server/core/tokenizer.py).
+    """
     try:
         info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("it must hold a JSON object")
         params = {k: v.string_value for k, v in config.parameters.items()}
         scheduler = GenerationScheduler(
             runtime,
@@ -208,13 +214,10 @@ def _generation_setup(
             max_queued=int(params.get("max_queued_generations", "256")),
             max_batch_tokens=int(params.get("max_batch_tokens", "0")),
             stream_interval=int(params.get("stream_interval", "0")),
+            model_dir=path.parent,  # the tokenizer's files lie beside generation.json
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{GENERATION_FILE} is not usable: {exc}") from exc
-    graph_inputs = {t.name for t in runtime.inputs}
-    needed = {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"}
-    if not needed <= graph_inputs:
-        raise ModelLoadError(f"a generation model needs inputs {sorted(needed)}; it has {sorted(graph_inputs)}")
     del config.input[:]
     del config.output[:]
     config.max_batch_size = 0

@@ -167,8 +167,9 @@ async def test_text_held_back_for_a_stop_string_is_sent_when_the_stream_ends_oth
 
     def stream(params: SamplingParams) -> Any:
         return Stream(
-            prompt_ids=[scheduler.bos], params=params, rng=random.Random(0), deadline=None, loop=loop,
-            queue=asyncio.Queue(), stops=StopMatcher(params.stop), max_output=params.max_tokens,
+            prompt_ids=[scheduler.tokenizer.bos_id], prompt_tokens=0, params=params, rng=random.Random(0),
+            deadline=None, loop=loop, queue=asyncio.Queue(), stops=StopMatcher(params.stop),
+            max_output=params.max_tokens, detokenizer=scheduler.tokenizer.detokenizer(),
         )
 
     by_length = stream(SamplingParams(max_tokens=3, stop=("dex",)))
@@ -177,7 +178,7 @@ async def test_text_held_back_for_a_stop_string_is_sent_when_the_stream_ends_oth
     assert chunks[-1] is not None and chunks[-1].finish_reason == "length"
     assert chunks[-1].token_ids == [ord("d"), ord("e")] and chunks[-1].completion_tokens == 3
     by_eos = stream(SamplingParams(max_tokens=9, stop=("dex",)))
-    chunks = [scheduler._accept(by_eos, token, 1) for token in [*b"ade", scheduler.eos]]
+    chunks = [scheduler._accept(by_eos, token, 1) for token in [*b"ade", scheduler.eos_ids[0]]]
     assert chunks[-1] is not None and (chunks[-1].text, chunks[-1].finish_reason) == ("de", "stop")
     assert chunks[-1].completion_tokens == 3  # the end-of-sequence token is not counted
     by_stop = stream(SamplingParams(max_tokens=9, stop=("dex",)))
