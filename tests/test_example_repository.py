@@ -83,4 +83,4 @@ def test_example_repository_is_fully_ready(example_server) -> None:
     client = grpcclient.InferenceServerClient(example_server.address)
     assert client.is_server_ready()  # strict readiness: every model loaded
     names = {m.name for m in client.get_model_repository_index().models if m.state == "READY"}
-    assert names == {"digits", "digits_preprocess", "digits_pipeline", "bytes_decoder"}
+    assert names == {"digits", "digits_preprocess", "digits_pipeline", "digits_int8", "bytes_decoder"}
