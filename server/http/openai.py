@@ -35,6 +35,7 @@ from server.core.errors import InvalidInputError, ServerError
 from server.core.generation import TokenChunk
 from server.core.sampling import SamplingParams
 from server.http import data_plane, until_disconnect
+from server.http.auth import refusal_headers
 from server.http.errors import log_error, openai_error_body, status_for
 from server.http.sse import EventStream, close_source, prefetch
 from server.service import embeddings, textgen
@@ -56,7 +57,8 @@ class _JSONResponse(Response):
 def _error_response(exc: BaseException, where: str) -> Response:
     log_error(exc, where)
     status, message = status_for(exc)
-    return _JSONResponse(openai_error_body(status, message), status_code=status)
+    # Retry-After of a principal's rate or stream limit (--auth-config).
+    return _JSONResponse(openai_error_body(status, message), status_code=status, headers=refusal_headers(exc))
 
 
 def _validation_message(errors: Sequence[Any]) -> str:
