@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import shutil
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -26,12 +27,40 @@ def _parser() -> argparse.ArgumentParser:
         "the same as --model-repository",
     )
     add_arguments(serve)  # one flag per Settings field
+    hash_key = commands.add_parser(
+        "hash-key", help="print the SHA-256 digest of an API key, for the auth config's key_sha256",
+        description="Prints the digest an --auth-config file stores for an API key (the key itself is never "
+        "stored). The key is read from standard input (one line), so it stays out of the shell's history "
+        "and the process list; --generate makes a new random key and prints both.",
+    )
+    hash_key.add_argument("--generate", action="store_true", help="make a new random key (256 bits) and print it too")
     return parser
+
+
+def _hash_key(generate: bool) -> None:
+    import secrets
+
+    from server.service.auth import hash_key
+
+    if generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key: {key}\nkey_sha256: {hash_key(key)}")
+        return
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        sys.exit("ortserve hash-key: give the key on standard input (or --generate)")
+    print(hash_key(line))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ortserve` console script."""
+    # SIGHUP re-reads the auth config once the server runs; until its handler is in place, a SIGHUP
+    # (a supervisor's reload reaching a worker that is still starting) must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
+    if args.command == "hash-key":
+        _hash_key(args.generate)
+        return
     given = given_arguments(args)
     if args.model is not None:
         if "model_repository" in given:
@@ -72,6 +101,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(settings: Settings) -> None:
+    if settings.auth_config is not None and settings.worker_index is None:
+        from server.service.auth import Authenticator
+        from server.service.auth_config import AuthConfigError
+
+        try:  # checked once here (the JWKS too), before any worker starts, for a clear message
+            Authenticator(settings.auth_config)
+        except AuthConfigError as exc:
+            sys.exit(f"ortserve: {exc}")
     if settings.worker_index is None and settings.resolved_workers() > 1:
         settings = settings.model_copy(update={"workers": settings.resolved_workers()})
         from server.workers import supervise

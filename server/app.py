@@ -35,6 +35,8 @@ from server.rpc.registration import (
 )
 from server.rpc.servicers import InferenceServicer
 from server.schema import _pool
+from server.service.auth import Authenticator
+from server.service.auth_config import AuthConfigError
 from server.service.control import decode_override
 from server.service.dataplane import DataPlane, ServerState, WorkerPeers
 from server.settings import Settings
@@ -93,6 +95,39 @@ class OrtServer:
         # TLS on the public ports (None: plaintext); the HTTP context is shared by HTTP and metrics.
         self._certificates = self._load_certificates()
         self._ssl = ReloadingContext(self._certificates) if self._certificates is not None else None
+        self.authenticator = self._load_auth()
+        self._warn_if_open()
+
+    def _load_auth(self) -> Authenticator | None:
+        """The auth config, validated now, so a bad file stops the start with a message naming the entry."""
+        if self.settings.auth_config is None:
+            return None
+        try:
+            authenticator = Authenticator(self.settings.auth_config)
+        except AuthConfigError as exc:
+            raise SystemExit(str(exc)) from exc
+        config = authenticator.config
+        logger.info(
+            "auth: %d API key(s), JWT %s; open without credentials: %s", len(config.api_keys),
+            "on" if config.jwt is not None else "off",
+            ", ".join(k for k, v in config.open.model_dump().items() if v) or "nothing",
+        )
+        return authenticator
+
+    def _warn_if_open(self) -> None:
+        """Safe by default: say clearly when the ports are open to whoever reaches them."""
+        if self.settings.worker_index not in (None, 0):
+            return  # one warning per server, not one per worker
+        if self.authenticator is None and self.settings.model_control_mode == "explicit":
+            logger.warning(
+                "--model-control-mode explicit without --auth-config: anyone who reaches the ports can load and "
+                "unload models"
+            )
+        if self.settings.host in ("0.0.0.0", "::", "") and self._certificates is None and self.authenticator is None:
+            logger.warning(
+                "listening on all interfaces (--host %s) without TLS or --auth-config: anyone who reaches the "
+                "ports can run every model; see the README's security section", self.settings.host or "''",
+            )
 
     def _load_certificates(self) -> CertificateFiles | None:
         """The TLS files, loaded and checked now, so a bad pair stops the start with a clear message."""
@@ -129,11 +164,12 @@ class OrtServer:
             ]
         server = grpc.aio.server(options=options)
         observer = CallObserver(self.plane.grpc_requests, self.settings.log_requests)
-        add_inference_service(InferenceServicer(self.plane), server, observer)
-        add_generation_service(TextGenerationServicer(self.plane), server, observer)
-        add_health_service(self.health, server, observer)
+        auth = self.authenticator
+        add_inference_service(InferenceServicer(self.plane), server, observer, auth)
+        add_generation_service(TextGenerationServicer(self.plane), server, observer, auth)
+        add_health_service(self.health, server, observer, auth)
         services = [INFERENCE_SERVICE, GENERATION_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server)
+        add_reflection_service(reflection.aio.ReflectionServicer(services, pool=_reflection_pool()), server, auth)
         public = f"{self.settings.host}:{self.settings.port}"
         try:
             if self._certificates is not None:
@@ -182,14 +218,14 @@ class OrtServer:
         """The HTTP front end over the same data plane, in this process and event loop."""
         app = create_app(
             self.plane, self.settings.resolved_http_max_body_bytes(), server_version(), self.settings.allow_metrics,
-            self.settings.log_requests,
+            self.settings.log_requests, self.authenticator,
         )
         self._http = await self._listen(app, self.settings.http_port, reuse_port, "HTTP")
         self.http_port = self._http.port
 
     async def _start_metrics(self, reuse_port: bool) -> None:
         """Prometheus metrics on their own port (Triton's 8002), in this process and event loop."""
-        app = create_metrics_app(self.plane)
+        app = create_metrics_app(self.plane, self.authenticator)
         self._metrics = await self._listen(app, self.settings.metrics_port, reuse_port, "metrics")
         self.metrics_port = self._metrics.port
 
@@ -278,6 +314,13 @@ class OrtServer:
         await self.registry.close()
         logger.info("stopped")
 
+    def reload(self) -> None:
+        """SIGHUP: re-reads the auth config (a bad file is logged and the current one stays)."""
+        if self.authenticator is None:
+            logger.info("SIGHUP: nothing to reload (no --auth-config; TLS files are watched on their own)")
+            return
+        self.authenticator.reload()
+
     async def wait(self) -> None:
         """Waits until the gRPC server ends."""
         if self._server is not None:
@@ -291,6 +334,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await server.start()
     await stop.wait()
     await server.stop()

@@ -21,6 +21,8 @@ from typing import Any
 # The id of the request being served in this task ("" outside requests).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 ACCESS_LOGGER = "ortserve.access"
+# Audit lines (admin actions, refused credentials): this logger keeps level info whatever --log-level says.
+AUDIT_LOGGER = "ortserve.audit"
 # Request ids the server makes up: a random prefix per process and a counter, cheaper than
 # a UUID per request and unique across workers and restarts.
 _PREFIX = os.urandom(4).hex()
@@ -98,6 +100,8 @@ def configure(level: str, log_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Records of a logger with its own level reach the root's handler whatever the root's level.
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
 
 
 def access(protocol: str, method: str, model: str, status: str, started: float) -> None:
@@ -107,4 +111,16 @@ def access(protocol: str, method: str, model: str, status: str, started: float) 
         "%s %s model=%s status=%s duration_ms=%.3f", protocol, method, model or "-", status, duration_ms,
         extra={"protocol": protocol, "method": method, "model": model, "status": status,
                "duration_ms": round(duration_ms, 3)},
+    )
+
+
+def audit(event: str, principal: str, **fields: str) -> None:
+    """One audit line (always written, whatever --log-level): an admin action or a refused credential.
+
+    `principal` is the caller's configured name (or "-" when unknown); secrets never appear here.
+    """
+    details = " ".join(f"{key}={value}" for key, value in fields.items() if value)
+    logging.getLogger(AUDIT_LOGGER).info(
+        "audit %s principal=%s %s", event, principal, details,
+        extra={"audit_event": event, "principal": principal, **fields},
     )

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     """The TLS certificate's private key (PEM, unencrypted), re-read with the certificate."""
     tls_client_ca: Path | None = None
     """Mutual TLS: clients must present a certificate issued by a CA in this PEM file (read at start)."""
+    auth_config: Path | None = None
+    """Authentication and authorisation (YAML): API keys (SHA-256 digests; `ortserve hash-key`), OAuth2/OIDC
+    JWTs checked against a JWKS file, roles (infer, admin, metrics), model patterns and rate limits per
+    principal. Re-read on SIGHUP. Default: no auth (anyone who reaches a port may call it)."""
     worker_index: int | None = None
     """Set by the supervisor in a worker process; not a user setting."""
     peer_dir: Path | None = None

@@ -254,6 +254,14 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     supervisor = _Supervisor(settings, port, peer_dir, http_port, metrics_port)
+
+    def reload(signum: int, frame: object) -> None:
+        # SIGHUP re-reads the auth config: every worker holds its own copy.
+        for worker in supervisor.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload)
     supervisor.start_all()
     try:
         while not stopping:

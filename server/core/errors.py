@@ -37,6 +37,18 @@ class PermissionDeniedError(ServerError):
     """The operation is refused by the server's configuration."""
 
 
+class UnauthenticatedError(ServerError):
+    """The request carries no credentials, or credentials the server does not accept (--auth-config)."""
+
+
+class RateLimitedError(QueueFullError):
+    """The principal is over its rate or stream limit (--auth-config); retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelRunError(ServerError):
     """ONNX Runtime failed while running a batch that passed validation (answered as an internal error)."""
 

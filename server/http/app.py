@@ -12,9 +12,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.errors import ServerError
 from server.http import ClientDisconnectedError, embeddings, kserve, openai
+from server.http.auth import RequireAuth, refusal_headers
 from server.http.errors import bounded, error_body, log_error, openai_error_body, status_for
 from server.http.kserve import json_response
 from server.http.metrics import ObserveRequests, metrics_response
+from server.service.auth import Authenticator
 from server.service.dataplane import DataPlane
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ class BodyTooLargeError(Exception):
 
 
 def create_app(
-    plane: DataPlane, max_body_bytes: int, version: str = "", metrics: bool = True, access_log: bool = False
+    plane: DataPlane, max_body_bytes: int, version: str = "", metrics: bool = True, access_log: bool = False,
+    authenticator: Authenticator | None = None,
 ) -> FastAPI:
     """The HTTP application over a data plane.
 
@@ -38,6 +41,7 @@ def create_app(
         version: The server version shown in the OpenAPI document.
         metrics: Serve GET /metrics (Prometheus) here too, beside the metrics port.
         access_log: Log a line per request (--log-requests).
+        authenticator: With --auth-config: every route needs a credential allowed its role (http/auth.py).
     """
     app = FastAPI(
         title="ortserve",
@@ -56,6 +60,9 @@ def create_app(
     if metrics:
         app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    if authenticator is not None:
+        # Outside the body limit: an unauthenticated request is refused before its body is read.
+        app.add_middleware(RequireAuth, authenticator=authenticator, error_response=error_response)
     # Outermost: it sees every answer, 413s included, and tags every log line with the request id.
     app.add_middleware(ObserveRequests, counter=plane.http_requests, access_log=access_log)
     return app
@@ -75,7 +82,9 @@ def error_response(path: str, status: int, message: str) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     log_error(exc, f"{request.method} {request.url.path}")
     status, message = status_for(exc)
-    return error_response(request.url.path, status, message)
+    response = error_response(request.url.path, status, message)
+    response.headers.update(refusal_headers(exc))  # Retry-After of a principal's stream limit
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -27,6 +27,7 @@ STATUS_BY_ERROR: dict[type[BaseException], int] = {
     errors.QueueFullError: 429,
     errors.DeadlineExceededError: 504,
     errors.PermissionDeniedError: 403,
+    errors.UnauthenticatedError: 401,
     errors.ModelRunError: 500,
 }
 

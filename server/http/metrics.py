@@ -20,7 +20,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.histogram import Histogram
+from server.http.auth import RequireAuth
 from server.logs import access, new_request_id, request_id
+from server.service.auth import Authenticator
 from server.service.dataplane import DataPlane
 from server.service.metrics import Family, RequestCounter
 
@@ -85,13 +87,20 @@ async def metrics_response(plane: DataPlane) -> Response:
     return Response(render(await plane.metrics()), media_type=CONTENT_TYPE)
 
 
-def create_metrics_app(plane: DataPlane) -> Starlette:
-    """The metrics port's application: GET /metrics, nothing else (404)."""
+def create_metrics_app(plane: DataPlane, authenticator: Authenticator | None = None) -> Starlette:
+    """The metrics port's application: GET /metrics, nothing else (404); with --auth-config, the metrics role."""
 
     async def endpoint(request: Request) -> Response:
         return await metrics_response(plane)
 
-    return Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
+    app = Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
+    if authenticator is not None:
+        app.add_middleware(RequireAuth, authenticator=authenticator, error_response=_plain_error)
+    return app
+
+
+def _plain_error(path: str, status: int, message: str) -> Response:
+    return Response(message + "\n", status_code=status, media_type="text/plain; charset=utf-8")
 
 
 class ObserveRequests:

@@ -22,9 +22,11 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from server.logs import access, new_request_id, request_id
 from server.rpc import status
+from server.rpc.auth import authorized
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.rpc.status import MalformedRequest
+from server.service.auth import Authenticator
 from server.service.metrics import RequestCounter
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -57,24 +59,36 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], object]:
     return deserialize
 
 
-def add_inference_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
+def add_inference_service(
+    servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None,
+    authenticator: Authenticator | None = None,
+) -> None:
     """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
-    add_service(SERVICE, pb, servicer, server, observer=observer)
+    add_service(SERVICE, pb, servicer, server, observer=observer, authenticator=authenticator)
 
 
-def add_generation_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
+def add_generation_service(
+    servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None,
+    authenticator: Authenticator | None = None,
+) -> None:
     """Adds ortserve.v1.TextGeneration."""
-    add_service(GENERATION_SERVICE, gen_pb, servicer, server, observer=observer)
+    add_service(GENERATION_SERVICE, gen_pb, servicer, server, observer=observer, authenticator=authenticator)
 
 
-def add_health_service(servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None) -> None:
+def add_health_service(
+    servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None,
+    authenticator: Authenticator | None = None,
+) -> None:
     """Adds grpc.health.v1.Health (Check and Watch) around the stock servicer."""
-    add_service(HEALTH_SERVICE, health_pb2, servicer, server, guarded=True, observer=observer)
+    add_service(HEALTH_SERVICE, health_pb2, servicer, server, guarded=True, observer=observer,
+                authenticator=authenticator)
 
 
-def add_reflection_service(servicer: object, server: grpc.aio.Server) -> None:
+def add_reflection_service(
+    servicer: object, server: grpc.aio.Server, authenticator: Authenticator | None = None
+) -> None:
     """Adds grpc.reflection.v1alpha.ServerReflection around the stock servicer (not counted: tooling only)."""
-    add_service(REFLECTION_SERVICE, reflection_pb2, servicer, server, guarded=True)
+    add_service(REFLECTION_SERVICE, reflection_pb2, servicer, server, guarded=True, authenticator=authenticator)
 
 
 def add_peer_metrics_service(local_metrics: Callable[[], bytes], server: grpc.aio.Server) -> None:
@@ -95,7 +109,7 @@ def add_peer_metrics_service(local_metrics: Callable[[], bytes], server: grpc.ai
 
 def add_service(
     service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False,
-    observer: CallObserver | None = None,
+    observer: CallObserver | None = None, authenticator: Authenticator | None = None,
 ) -> None:
     """Registers `servicer`'s methods for every RPC of `service` (messages from `module`).
 
@@ -104,6 +118,8 @@ def add_service(
             status.check_parsed themselves: servicers we did not write, served by the generic handler only).
         observer: Counts each call by method and final status code (the metrics' gRPC requests), sets its
             request id for the log, and writes the access log.
+        authenticator: With --auth-config: each method runs only for callers allowed its role (rpc/auth.py),
+            inside the observer, so refusals are counted and logged too.
     """
     handlers = {}
     for method in service.methods:
@@ -111,8 +127,11 @@ def add_service(
         behaviour = getattr(servicer, method.name)
         if guarded:
             behaviour = status.guard(behaviour, method.client_streaming, method.server_streaming)
+        path = f"/{service.full_name}/{method.name}"
+        if authenticator is not None:
+            behaviour = authorized(behaviour, path, authenticator)
         if observer is not None:
-            behaviour = _observed(behaviour, f"/{service.full_name}/{method.name}", observer)
+            behaviour = _observed(behaviour, path, observer)
         deserializer = _safe_deserializer(request_class)
         serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:

@@ -16,6 +16,7 @@ from server.core import errors
 # Re-exported: status messages are cut to this cap (tests read it from here).
 from server.core.errors import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS
 from server.core.errors import bounded as bounded
+from server.service.access import retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelRunError: grpc.StatusCode.INTERNAL,
 }
@@ -70,11 +72,24 @@ def _log(exc: BaseException, method: str) -> None:
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+def refusal_metadata(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+    """The call's trailing metadata plus what tells a refused client what to do (abort replaces the set)."""
+    if isinstance(exc, errors.UnauthenticatedError):
+        hint: tuple[tuple[str, str], ...] = (("www-authenticate", 'Bearer realm="ortserve"'),)
+    elif isinstance(exc, errors.RateLimitedError):
+        pushback_ms = max(1, int(exc.retry_after_s * 1000))
+        hint = (("retry-after", str(retry_after_seconds(exc.retry_after_s))),
+                ("grpc-retry-pushback-ms", str(pushback_ms)))
+    else:
+        return ()
+    return (*(context.trailing_metadata() or ()), *hint)
+
+
 async def abort_with(exc: Exception, method: str, context: grpc.aio.ServicerContext) -> None:
     """Logs an exception as its kind deserves and ends the call with its status code."""
     _log(exc, method)
     code, message = status_for(exc)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=refusal_metadata(exc, context))
 
 
 def unary(handler: Handler) -> Handler:

@@ -9,20 +9,33 @@ front end maps them to its own status codes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
 from server import workers as workers_module
-from server.core.errors import InvalidInputError, PermissionDeniedError, ServerUnavailableError, quoted
+from server.core.ensemble import EnsembleModel
+from server.core.errors import (
+    InvalidInputError,
+    PermissionDeniedError,
+    ServerError,
+    ServerUnavailableError,
+    first_line,
+    quoted,
+)
 from server.core.generation import TokenChunk
 from server.core.model import Model
 from server.core.sampling import SamplingParams
 from server.core.types import FINAL_PARAMETER, InferRequest, InferResponse, TextResponse
+from server.logs import audit
+from server.repository.ensembles import ServedModel
 from server.repository.registry import IndexEntry, ModelRegistry
 from server.schema import model_config_pb2 as mc
+from server.service import access
 from server.service.control import ModelControl, Peers
 from server.service.metrics import (
     Family,
@@ -40,6 +53,9 @@ from server.service.system_metrics import SystemGauges
 SERVER_NAME = "ortserve"
 # Only what is true of this server: perf_analyzer reads statistics only when "statistics"
 # is listed, and clients probe "classification" and "model_repository".
+# How deep the access check follows ensembles inside ensembles (loading bounds the nesting anyway).
+MAX_STEP_DEPTH = 8
+_Item = TypeVar("_Item")
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "parameters")
 
 
@@ -113,6 +129,8 @@ class DataPlane:
         self.grpc_requests = grpc_counter()
         self._system = SystemGauges()
         self._inherited: list[Family] = []  # a dead predecessor's counters (attach_workers)
+        # Concurrent generation streams per principal (--auth-config's max_streams).
+        self.limiter = access.RateLimiter()
 
     def attach_workers(self, workers: WorkerPeers) -> None:
         """Makes statistics add up the siblings' and loads/unloads apply to every worker."""
@@ -166,7 +184,12 @@ class DataPlane:
         return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS)
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether the model version serves (false while the server drains)."""
+        """Whether the model version serves (false while the server drains).
+
+        Raises:
+            PermissionDeniedError: the caller may not use the model (--auth-config).
+        """
+        access.check_model(name)
         return not self.state.draining and self.registry.is_ready(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -174,7 +197,9 @@ class DataPlane:
 
         Raises:
             InvalidInputError, ModelNotFoundError, ModelNotReadyError: as ModelRegistry.get.
+            PermissionDeniedError: the caller may not use the model (--auth-config).
         """
+        access.check_model(name)
         self.registry.get(name, version)  # refuses empty, unknown, unready
         models = self.registry.models(name, version)
         newest = models[-1]
@@ -189,6 +214,7 @@ class DataPlane:
 
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         """The completed configuration of a served model version (shared: do not modify it)."""
+        access.check_model(name)
         config: mc.ModelConfig = self.registry.get(name, version).config
         return config
 
@@ -206,9 +232,12 @@ class DataPlane:
             ServerError: the model's or the scheduler's refusal (see Model.infer).
         """
         self.check_accepting()
-        model = self.registry.get(request.model_name, request.model_version)
+        model = self._allowed(request.model_name, request.model_version)
         # A generation model answers with its whole text (Model.text_responses, unary).
-        return await model.infer(request, deadline_s)
+        if _generation_model(model) is None:
+            return await model.infer(request, deadline_s)
+        with self.limiter.stream(access.current_principal.get()):
+            return await model.infer(request, deadline_s)
 
     async def infer_decoupled(
         self, request: InferRequest, deadline_s: float | None = None
@@ -219,15 +248,16 @@ class DataPlane:
         text responses (Model.text_responses). The caller checks draining when the
         request arrives (check_accepting), so that an admitted request runs to the end.
         """
-        model = self.registry.get(request.model_name, request.model_version)
+        model = self._allowed(request.model_name, request.model_version)
         generating = _generation_model(model)
         if generating is None:
             response = await model.infer(request)
             response.parameters[FINAL_PARAMETER] = True
             yield response
             return
-        async for text in generating.text_responses(request, deadline_s, decoupled=True):
-            yield text.to_infer_response()
+        with self.limiter.stream(access.current_principal.get()):
+            async for text in generating.text_responses(request, deadline_s, decoupled=True):
+                yield text.to_infer_response()
 
     def generate_text(
         self, request: InferRequest, deadline_s: float | None = None, decoupled: bool = False
@@ -241,9 +271,8 @@ class DataPlane:
             InvalidInputError: the model is not a text-generation model, or the request is malformed.
         """
         self.check_accepting()
-        return self._generation_model(request.model_name, request.model_version).text_responses(
-            request, deadline_s, decoupled
-        )
+        model = self._generation_model(request.model_name, request.model_version)
+        return self._one_stream(model.text_responses(request, deadline_s, decoupled))
 
     def generate(
         self, name: str, version: str, prompt: str, params: SamplingParams, deadline_s: float | None = None
@@ -253,9 +282,41 @@ class DataPlane:
         Raises:
             InvalidInputError: the model is not a text-generation model.
         """
-        return self._generation_model(name, version).token_chunks(prompt, params, deadline_s)
+        return self._one_stream(self._generation_model(name, version).token_chunks(prompt, params, deadline_s))
+
+    async def _one_stream(self, source: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
+        """`source`, holding one of the caller's generation streams while it runs (refused at the first item
+        when the caller is at its max_streams)."""
+        with self.limiter.stream(access.current_principal.get()):
+            async for item in source:
+                yield item
+
+    def _allowed(self, name: str, version: str) -> ServedModel:
+        """The model, when the caller may use it and, for an ensemble, every model its steps call.
+
+        Raises:
+            PermissionDeniedError: the caller may not use the model or one of its step models.
+            InvalidInputError, ModelNotFoundError, ModelNotReadyError: as ModelRegistry.get.
+        """
+        access.check_model(name)
+        model = self.registry.get(name, version)
+        if access.current_principal.get() is not None and isinstance(model, EnsembleModel):
+            self._check_steps(model, depth=0)
+        return model
+
+    def _check_steps(self, ensemble: EnsembleModel, depth: int) -> None:
+        for step in ensemble.steps:
+            access.check_model(step.model_name)
+            if depth < MAX_STEP_DEPTH:
+                try:
+                    inner = self.registry.get(step.model_name)
+                except ServerError:
+                    continue  # the ensemble answers that itself when it runs
+                if isinstance(inner, EnsembleModel):
+                    self._check_steps(inner, depth + 1)
 
     def _generation_model(self, name: str, version: str) -> Model:
+        access.check_model(name)
         model = _generation_model(self.registry.get(name, version))
         if model is None:
             raise InvalidInputError(f"model {quoted(name)} is not a text-generation model")
@@ -268,7 +329,10 @@ class DataPlane:
 
         Raises:
             InvalidInputError, ModelNotFoundError, ModelNotReadyError: for a named model, as ModelRegistry.get.
+            PermissionDeniedError: the caller may not use the named model (--auth-config).
         """
+        if name:
+            access.check_model(name)
         stats = [VersionStatistics.of(model) for model in self.registry.models(name, version)]
         if self._workers is not None and not local_only:
             peers = self._workers.peers
@@ -276,7 +340,7 @@ class DataPlane:
             for reply in replies:
                 if reply is not None:
                     merge_statistics(stats, reply)
-        return stats
+        return [s for s in stats if access.visible(s.name)]
 
     # Metrics.
 
@@ -322,8 +386,8 @@ class DataPlane:
         return families + self._system.families(gpu=on_gpu)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """Every model on disk or known, with its state and the reason when not ready."""
-        return self.registry.index(ready_only=ready_only)
+        """Every model on disk or known that the caller may use, with its state and the reason when not ready."""
+        return [e for e in self.registry.index(ready_only=ready_only) if access.visible(e.name)]
 
     def _check_explicit(self, action: str) -> None:
         if self._control_mode != "explicit":
@@ -344,11 +408,14 @@ class DataPlane:
             ServerError: the load failed (on the first failing worker, with its error).
         """
         self._check_explicit("loading")
+        access.check_model(name)
         self.registry.repository.model_dir(name)  # refuses bad names before any worker acts
-        if self._control is None or local_only:
-            await self.registry.load(name, config)
-        else:
-            await self._control.load(name, config)
+        action = "model_load_override" if config is not None else "model_load"
+        with _audited(action, name, local_only):
+            if self._control is None or local_only:
+                await self.registry.load(name, config)
+            else:
+                await self._control.load(name, config)
 
     async def unload(self, name: str, local_only: bool = False) -> None:
         """Unloads a model, on every worker unless `local_only`.
@@ -358,12 +425,30 @@ class DataPlane:
             ModelNotFoundError: no worker had the model loaded.
         """
         self._check_explicit("unloading")
-        if self._control is None or local_only:
-            await self.registry.unload(name)
-        else:
-            await self._control.unload(name)
+        access.check_model(name)
+        with _audited("model_unload", name, local_only):
+            if self._control is None or local_only:
+                await self.registry.unload(name)
+            else:
+                await self._control.unload(name)
 
 
 def _generation_model(model: object) -> Model | None:
     """The model as a text-generation model, or None when it serves tensors (ensembles included)."""
     return model if isinstance(model, Model) and model.generator is not None else None
+
+
+@contextlib.contextmanager
+def _audited(action: str, model: str, local_only: bool) -> Iterator[None]:
+    """An audit line for an admin action and its outcome (a sibling's share of a fan-out is not repeated)."""
+    if local_only:
+        yield
+        return
+    principal = access.current_principal.get()
+    name = principal.name if principal is not None else "-"
+    try:
+        yield
+    except BaseException as exc:
+        audit(action, name, model=model, outcome="failed", reason=first_line(exc, empty=type(exc).__name__))
+        raise
+    audit(action, name, model=model, outcome="ok")
