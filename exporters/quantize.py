@@ -17,8 +17,9 @@ Modes, all from ONNX Runtime's own tools:
 - int8-static: `quantize_static` in QDQ format, int8 weights (per channel) and int8
   activations with fixed scales measured on the calibration set (MinMax). Suits CNNs.
 - fp16: `onnxruntime.transformers.float16.convert_float_to_float16` with the inputs and
-  outputs kept FP32 (casts at the edges). For GPUs: ONNX Runtime's CPU provider has few
-  FP16 kernels and runs such a graph slower than FP32 (the benchmark shows by how much).
+  outputs kept FP32 (casts at the edges). For GPUs: ONNX Runtime's CPU provider loads and
+  runs it, casting around the nodes it has no FP16 kernel for, at no gain (0.8-1.3x FP32's
+  speed on the benchmark's models, bench/run_quantized.py --fp16).
 
 The gate, on the held-out set: with labels, the variant's top-1 accuracy may be at most
 --max-accuracy-drop points (default 0.5) under the FP32 model's; without labels, every
