@@ -272,13 +272,72 @@ def generation_info(model_dir: Path, config: Any, layers: int, kv_heads: int, he
     return info
 
 
-def export_decoder(model_dir: Path, repository: Path, name: str, version: int = 1, opset: int = 17) -> Path:
+def half_caches(model: onnx.ModelProto, layers: int) -> onnx.ModelProto:
+    """The graph with FP16 cache inputs and outputs, computing in FP32 as before.
+
+    Caches are most of a decoder's memory at serving time: stored in FP16 they take half,
+    while the arithmetic (FP16 kernels are few on CPUs) stays FP32. A Cast follows each past
+    input and precedes each present output.
+    """
+    from onnx import TensorProto, helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    renames: dict[str, str] = {}
+    casts = []
+    for value in graph.input:
+        if value.name.startswith("past_key_values."):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+            renames[value.name] = f"{value.name}_fp32"
+            casts.append(helper.make_node("Cast", [value.name], [renames[value.name]], to=TensorProto.FLOAT))
+    presents = [o for o in graph.output if o.name.startswith("present.")]
+    for value in presents:
+        renames[value.name] = f"{value.name}_fp32"
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) if n.startswith("present.") else n for n in node.output]
+    for value in presents:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        casts.append(helper.make_node("Cast", [renames[value.name]], [value.name], to=TensorProto.FLOAT16))
+    if len(casts) != 4 * layers:
+        raise ExportError(f"expected {2 * layers} cache inputs and outputs to cast, found {len(casts) // 2}")
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts[: 2 * layers] + nodes + casts[2 * layers :])
+    onnx.checker.check_model(out)
+    return out
+
+
+def _check_half(full: _Graph, half: _Graph, layers: int, kv_heads: int, head_dim: int, vocab: int) -> float:
+    """The FP16-cache graph's cached step against the FP32 graph's, within FP16's precision."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, vocab, (2, 6), dtype=np.int64)
+    mask = np.ones((2, 6), np.int64)
+    positions = np.arange(6, dtype=np.int64)[None].repeat(2, 0)
+    results = []
+    for graph, dtype in ((full, np.float32), (half, np.float16)):
+        empty = [np.zeros((2, kv_heads, 0, head_dim), dtype) for _ in range(2 * layers)]
+        first = graph.run([ids, mask, positions, *empty])
+        results.append(graph.run([ids[:, -1:], np.ones((2, 7), np.int64), np.full((2, 1), 6, np.int64), *first[1:]]))
+    return _compare("the FP16-cache step against the FP32 one", results[0][0], results[1][0], atol=1e-2, rtol=1e-2)
+
+
+def export_decoder(
+    model_dir: Path, repository: Path, name: str, version: int = 1, opset: int = 17, cache_dtype: str = "float32"
+) -> Path:
     """Exports the causal LM in `model_dir` as model `name` of `repository`; returns the model's directory.
+
+    Args:
+        cache_dtype: "float32", or "float16" for FP16 key/value cache tensors (half the cache
+            memory; the graph computes in FP32 and casts at the cache's edges).
 
     Raises:
         ExportError: not a causal LM with a per-layer key/value cache, no tokenizer.json, or a
             check failed (ExportMismatchError); nothing is written then.
     """
+    if cache_dtype not in ("float32", "float16"):
+        raise ExportError(f"cache_dtype must be float32 or float16, got {cache_dtype!r}")
     if not (model_dir / "tokenizer.json").is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json; the server tokenizes with it")
     model, config = load_causal_lm(model_dir)
@@ -296,7 +355,11 @@ def export_decoder(model_dir: Path, repository: Path, name: str, version: int = 
     spec.opset = opset
     example = _example(layers, kv_heads, head_dim, vocab, batch=2, new=3, past=4, seed=0)
     onnx_model = to_onnx(module, example, spec)
-    check_decoder(module, _Graph(onnx_model, spec), layers, kv_heads, head_dim, vocab)
+    graph = _Graph(onnx_model, spec)
+    check_decoder(module, graph, layers, kv_heads, head_dim, vocab)
+    if cache_dtype == "float16":
+        onnx_model = half_caches(onnx_model, layers)
+        _check_half(graph, _Graph(onnx_model, spec), layers, kv_heads, head_dim, vocab)
     model_config = build_config(onnx_model, name, spec)
     path = write_model(onnx_model, model_config, repository, version)
     for file in TOKENIZER_FILES:
