@@ -2,9 +2,10 @@
 
 - mlp: FP32 [B, 256] -> 1024 -> 1024 -> 10
 - cnn: FP32 [B, 3, 32, 32] -> conv 16 -> pool -> conv 32 -> pool -> 10
-Each is written three times (same graph, same max_batch_size): `<name>` with dynamic batching,
+Each is written five times (same graph, same max_batch_size): `<name>` with dynamic batching,
 `<name>_delay` with dynamic batching and a 2 ms max_queue_delay_microseconds, `<name>_nobatch`
-without batching (one request per run).
+without batching (one request per run), and for the adaptive queue delay (issue 15) `<name>_delay1ms`
+(1 ms, adaptive: the default) and `<name>_delay1ms_fixed` (1 ms always waited out, as Triton does).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def build(out: Path) -> None:
             ("", "dynamic_batching { }"),
             ("_delay", "dynamic_batching { max_queue_delay_microseconds: 2000 }"),
             ("_nobatch", ""),
+            ("_delay1ms", "dynamic_batching { max_queue_delay_microseconds: 1000 }"),
+            ("_delay1ms_fixed", "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+             'parameters { key: "adaptive_queue_delay" value: { string_value: "false" } }'),
         )
         for suffix, extra in variants:
             spec = ExportSpec(["INPUT"], ["OUTPUT"], max_batch_size=MAX_BATCH_SIZE, atol=1e-4, extra_config=extra)

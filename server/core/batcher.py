@@ -71,6 +71,8 @@ class SchedulerConfig:
         priority_policies: Per-level queue policies.
         hard_queue_limit: Upper bound on queued requests whatever the policies say, so
             memory stays bounded.
+        adaptive_delay: Wait out max_queue_delay_us only while recent requests arrived to find
+            others outstanding (see Scheduler._company); a lone client is served at once.
     """
 
     max_batch_size: int = 0
@@ -82,10 +84,18 @@ class SchedulerConfig:
     default_policy: QueuePolicy = QueuePolicy()
     priority_policies: dict[int, QueuePolicy] = field(default_factory=dict)
     hard_queue_limit: int = HARD_QUEUE_LIMIT
+    adaptive_delay: bool = False
 
     def policy(self, level: int) -> QueuePolicy:
         return self.priority_policies.get(level, self.default_policy)
 
+
+# The adaptive queue delay's estimate of company: a moving average over arrivals of how many other requests
+# (at most COMPANY_CAP) each arrival found outstanding. Waiting for a fuller batch pays only when company
+# is likely; a closed-loop client alone always finds nobody (its next request comes after this answer).
+COMPANY_WEIGHT = 0.2
+COMPANY_CAP = 2
+COMPANY_THRESHOLD = 0.5
 
 # What requests must share to run together (see _batch_key): each input's non-batch shape, then the outputs.
 BatchKey = tuple[object, ...]
@@ -172,6 +182,8 @@ class Scheduler:
         self._queued = 0
         self._delay_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._outstanding = 0  # submitted and not yet answered (queued or running)
+        self._company = 0.0  # see COMPANY_WEIGHT
 
     @property
     def queued(self) -> int:
@@ -239,6 +251,8 @@ class Scheduler:
         )
         if timeout_s is not None:
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
+        self._company += COMPANY_WEIGHT * (min(self._outstanding, COMPANY_CAP) - self._company)
+        self._outstanding += 1
         self._queues[level].append(pending)
         self._queued_per_level[level] += 1
         self._queued += 1
@@ -246,6 +260,7 @@ class Scheduler:
         try:
             return await pending.future
         finally:
+            self._outstanding -= 1
             # Cancelled (client gone) or expired: leave the queue now, never run.
             self._dequeue(pending)
             if pending.timer is not None:
@@ -295,6 +310,8 @@ class Scheduler:
         delay_us = self.config.max_queue_delay_us
         if not self.config.dynamic_batching or delay_us <= 0:
             return 0.0
+        if self.config.adaptive_delay and self._company < COMPANY_THRESHOLD:
+            return 0.0  # nobody is likely to come in time: waiting would only add latency
         size = sum(p.batch_size for p in batch)
         preferred = self.config.preferred_batch_sizes
         if size >= self.config.max_batch_size or size in preferred or (preferred and size > max(preferred)):

@@ -296,6 +296,8 @@ def scheduler_config(config: mc.ModelConfig, hard_queue_limit: int) -> Scheduler
         default_policy=_queue_policy(batching.default_queue_policy),
         priority_policies={int(k) - 1: _queue_policy(v) for k, v in batching.priority_queue_policy.items()},
         hard_queue_limit=hard_queue_limit,
+        # Ours, on unless a parameter says "false" (Triton always waits the delay out). get(): indexing adds the key.
+        adaptive_delay=_flag(getattr(config.parameters.get("adaptive_queue_delay"), "string_value", "true")),
     )
 
 

@@ -226,3 +226,61 @@ async def test_failed_batch_fails_every_request_in_it_and_the_next_runs() -> Non
     assert all(isinstance(o, Exception) and "fake failure" in str(o) for o in outcomes)
     np.testing.assert_array_equal(await submit(scheduler, 1.0), np.full((1, 3), 2.0, np.float32))
     await scheduler.close()
+
+
+ADAPTIVE = SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=600_000_000, adaptive_delay=True)
+
+
+async def test_adaptive_delay_serves_a_lone_client_at_once() -> None:
+    """A closed-loop client alone never finds company: each request runs at once despite a 600 s delay."""
+    runtime = FakeRuntime()
+    scheduler = make(ADAPTIVE, runtime)
+    for i in range(5):
+        await asyncio.wait_for(submit(scheduler, float(i)), timeout=60)
+    assert [len(r) for r in runtime.runs] == [1] * 5
+
+
+async def test_adaptive_delay_waits_once_arrivals_find_company() -> None:
+    """Requests that arrive while others are outstanding make the scheduler wait for a fuller batch again."""
+    runtime = FakeRuntime(held=True)
+    scheduler = make(ADAPTIVE, runtime)
+    first = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)  # ran at once: it found nobody
+    queued = [asyncio.create_task(submit(scheduler, float(i))) for i in range(1, 5)]
+    await wait_queued(scheduler, 4)  # each arrived to find the first (and the earlier ones) outstanding
+    runtime.release()
+    await first
+    # The four queued requests now wait for company (4 rows of 8, the delay far off), observed as state.
+    await wait_until(lambda: scheduler._delay_timer is not None, "the delay timer")
+    assert scheduler.queued == 4 and len(runtime.runs) == 1
+    more = [asyncio.create_task(submit(scheduler, float(i))) for i in range(5, 9)]  # fills the batch to 8
+    await asyncio.wait_for(asyncio.gather(*queued, *more), timeout=60)
+    assert [len(r) for r in runtime.runs] == [1, 8]
+
+
+async def test_without_adaptive_delay_a_lone_request_waits_out_the_delay() -> None:
+    """Triton's behaviour, kept with `adaptive_queue_delay: false`: the lone request waits for company."""
+    runtime = FakeRuntime()
+    config = SchedulerConfig(max_batch_size=2, dynamic_batching=True, max_queue_delay_us=600_000_000)
+    scheduler = make(config, runtime)
+    first = asyncio.create_task(submit(scheduler, 1.0))
+    await wait_queued(scheduler, 1)
+    await wait_until(lambda: scheduler._delay_timer is not None, "the delay timer")
+    assert runtime.runs == [] and not first.done()
+    await asyncio.wait_for(asyncio.gather(first, submit(scheduler, 2.0)), timeout=60)
+    assert [len(r) for r in runtime.runs] == [2]
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("true", True), ("false", False), ("0", False)])
+def test_adaptive_queue_delay_parameter(value: str | None, expected: bool) -> None:
+    from google.protobuf import text_format
+
+    from server.repository.config import scheduler_config
+    from server.schema import model_config_pb2 as mc
+
+    config = text_format.Parse("max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 1000 }",
+                               mc.ModelConfig())
+    if value is not None:
+        config.parameters["adaptive_queue_delay"].string_value = value
+    assert scheduler_config(config, 100).adaptive_delay is expected
+    assert ("adaptive_queue_delay" in config.parameters) is (value is not None)  # reading added no key
