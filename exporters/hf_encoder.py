@@ -104,7 +104,7 @@ def export_encoder(model_dir: Path, task: str, repository: Path, name: str) -> P
         remove_model(repository, model)
     write_model(onnx_model, build_config(onnx_model, f"{name}_encoder", spec), repository, 1, labels)
     write_tokenizer(repository, f"{name}_tokenizer", tokenizer_file, tokenizer.max_length)
-    write_ensemble(repository, name, pipeline_config(name, inputs, output, _output_dim(module)), labels)
+    write_ensemble(repository, name, pipeline_config(name, inputs, output, _output_dim(module, output)), labels)
     print(f"{name}: ONNX Runtime matches PyTorch within {worst:.2e}")
     return repository / name
 
@@ -204,9 +204,9 @@ def _logits_module(encoder: Any) -> Any:
     return module.eval()
 
 
-def _output_dim(module: Any) -> int:
+def _output_dim(module: Any, output: str) -> int:
     config = module.encoder.config
-    return int(config.num_labels if hasattr(module.encoder, "classifier") else config.hidden_size)
+    return int(config.num_labels if output == "logits" else config.hidden_size)
 
 
 def _tokens(tokenizer: TokenizerRuntime, texts: list[str], names: list[str]) -> dict[str, np.ndarray]:

@@ -10,7 +10,6 @@ what lets their encoder steps batch together afterwards.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from tokenizers import Tokenizer
 
 from server.core.errors import InvalidInputError, ModelLoadError, first_line
 from server.runtime.base import GraphTensor, Runtime
-
-logger = logging.getLogger(__name__)
 
 TEXT_INPUT = "text"
 # Every output the runtime can make; an ensemble maps the ones its encoder takes.
