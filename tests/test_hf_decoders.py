@@ -278,3 +278,50 @@ def test_openai_completions_and_chat_give_transformers_text(served: Served) -> N
     assert chat.choices[0].message.content == served.decode("llama", greedy_reference(
         served.sources["llama"], prompt_ids(served.sources["llama"], chat_prompt), 8
     ))
+
+
+def transformers_logprobs(source: Path, prompt: list[int], completion: list[int]) -> np.ndarray:
+    """log-softmax of transformers' logits for each completion token, from one full pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+def test_log_probabilities_are_the_models_through_both_apis(served: Served) -> None:
+    from openai import OpenAI
+
+    prompt = PROMPTS[0]
+    responses = served.generate("llama", prompt, max_tokens=16, temperature=0, ignore_eos=True, logprobs=3)
+    ids = ids_of(responses)
+    entries = [e for r in responses for e in r.logprobs]
+    assert [e.token_id for e in entries] == ids == served.reference("llama", prompt)[:16]
+    expected = transformers_logprobs(served.sources["llama"], prompt_ids(served.sources["llama"], prompt), ids)
+    assert np.allclose([e.logprob for e in entries], expected[np.arange(16), ids], atol=1e-3)
+    for entry, row in zip(entries, expected, strict=True):
+        assert [t.token_id for t in entry.top] == list(np.argsort(-row, kind="stable")[:3])
+        assert entry.top[0].token_id == entry.token_id  # greedy takes the most likely
+    plain = served.generate("llama", prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    assert all(not r.logprobs for r in plain)  # none unless asked
+    client = OpenAI(base_url=served.server.http_url + "/v1", api_key="unused", max_retries=0)
+    extra = {"ignore_eos": True}
+    completion = client.completions.create(
+        model="llama", prompt=prompt, max_tokens=16, temperature=0, logprobs=2, extra_body=extra
+    )
+    fields = completion.choices[0].logprobs
+    assert fields is not None and fields.token_logprobs is not None and fields.top_logprobs is not None
+    assert np.allclose(fields.token_logprobs, [e.logprob for e in entries], atol=1e-5)
+    assert "".join(fields.tokens or []) == "".join(e.text for e in entries)
+    assert all(len(top) <= 2 for top in fields.top_logprobs) and fields.text_offset is not None
+    chat = client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True, extra_body=extra,
+    )
+    content = [c for chunk in chat if chunk.choices and chunk.choices[0].logprobs
+               for c in chunk.choices[0].logprobs.content or []]
+    assert len(content) == 6 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)

@@ -15,7 +15,6 @@ Request parsing lives in generation_args.py, the batch's array work in decode_ba
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import logging
 import random
@@ -23,7 +22,6 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,54 +37,16 @@ from server.core.errors import (
     QueueFullError,
     ServerError,
 )
+from server.core.generation_stream import Delivery, Stream, TokenChunk, TokenLogprob, send, token_logprobs
 from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw
 from server.core.statistics import GenerationStats
-from server.core.tokenizer import Detokenizer, Tokenizer, load_tokenizer
+from server.core.tokenizer import Tokenizer, load_tokenizer
 from server.runtime.base import Runtime
 
+# TokenChunk is defined with the stream's other types; callers import it from here too.
+__all__ = ["GenerationScheduler", "Stream", "TokenChunk"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenChunk:
-    """What a stream yields: new text, and at the end a finish reason and token counts."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-Delivery = TokenChunk | BaseException
-
-
-@dataclass(eq=False)
-class Stream:
-    """One generation request while it is queued or in the batch.
-
-    `cancelled` is written by the event loop and read by the model thread; everything
-    else after admission belongs to the model thread.
-    """
-
-    prompt_ids: list[int]
-    prompt_tokens: int  # as reported in usage (the byte-level tokenizer does not count its BOS)
-    params: SamplingParams
-    rng: random.Random
-    deadline: float | None
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Delivery]
-    stops: StopMatcher
-    max_output: int  # tokens this stream may write: max_tokens, or less where the context ends first
-    detokenizer: Detokenizer
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    output_ids: list[int] = field(default_factory=list)
-    unsent_ids: list[int] = field(default_factory=list)
-    unsent_text: str = ""
-    done: bool = False
-    cancelled: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
-    admitted: float | None = None  # set by the model thread when the stream gets a place in the batch
 
 
 class GenerationScheduler:
@@ -301,9 +261,9 @@ class GenerationScheduler:
                         stream.done = True
                         outbox.append((stream, error))
                 self._batch = DecodeBatch.empty()
-            _send(outbox)
+            send(outbox)
         unloaded = ModelNotReadyError("the model was unloaded during generation")
-        _send([(s, unloaded) for s in leftovers if not s.done])
+        send([(s, unloaded) for s in leftovers if not s.done])
 
     def _run_model(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         results, _ = run_instance(self.runtime, feed, self.output_names)
@@ -428,6 +388,14 @@ class GenerationScheduler:
                     self._fail_stream(stream, outbox)
                     tokens.append(None)
         interval = self.stream_interval or 1 + len(self._batch) // 16
+        asked = [i for i, s in enumerate(live) if s.params.logprobs is not None and tokens[i] is not None]
+        if asked:
+            found = token_logprobs(
+                self.tokenizer, logits, asked, [tokens[i] for i in asked],  # type: ignore[misc]
+                [live[i].params.logprobs for i in asked],  # type: ignore[misc]
+            )
+            for i, entry in zip(asked, found, strict=True):
+                live[i].unsent_logprobs.append(entry)
         for stream, token in zip(live, tokens, strict=True):
             if token is None:
                 continue
@@ -476,7 +444,7 @@ class GenerationScheduler:
             if stream.unsent_text and (first or len(stream.unsent_ids) >= interval):
                 # Token ids travel with the text they produced (a UTF-8 character may span tokens).
                 ids, stream.unsent_ids, text, stream.unsent_text = stream.unsent_ids, [], stream.unsent_text, ""
-                return TokenChunk(text, ids)
+                return TokenChunk(text, ids, logprobs=_take_logprobs(stream))
             return None
         if stream.stops.stops and not hit:
             data += stream.stops.flush()  # text held back as a possible start of a stop string
@@ -484,21 +452,11 @@ class GenerationScheduler:
         text = stream.unsent_text + stream.decoder.decode(data, final=True)
         counted = len(stream.output_ids) - (1 if eos and not stream.params.ignore_eos else 0)
         ids, stream.unsent_ids, stream.unsent_text = stream.unsent_ids, [], ""
-        return TokenChunk(text, ids, finish, stream.prompt_tokens, counted)
+        return TokenChunk(text, ids, finish, stream.prompt_tokens, counted, _take_logprobs(stream))
 
 
-def _send(outbox: list[tuple[Stream, Delivery]]) -> None:
-    """Hands one step's chunks to the streams' event loops, one wake-up per loop."""
-    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Delivery]]] = {}
-    for stream, item in outbox:
-        per_loop.setdefault(stream.loop, []).append((stream, item))
-    for loop, items in per_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, items)
-        except RuntimeError:
-            pass  # the loop has closed: nobody is reading these streams any more
-
-
-def _deliver(items: list[tuple[Stream, Delivery]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
+def _take_logprobs(stream: Stream) -> list[TokenLogprob] | None:
+    if stream.params.logprobs is None:
+        return None
+    taken, stream.unsent_logprobs = stream.unsent_logprobs, []
+    return taken

@@ -38,6 +38,8 @@ class SamplingParams:
         stop: Strings that end the stream; the stop string itself is not returned.
         ignore_eos: Keep going past the end-of-sequence token (benchmarks).
         min_tokens: The end-of-sequence token cannot end the stream before this many tokens.
+        logprobs: None for none; else each token comes with its log-probability and this
+            many most likely alternatives (0 to MAX_LOGPROBS).
     """
 
     max_tokens: int = 64
@@ -49,6 +51,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None
 
     def check(self) -> None:
         """Raises InvalidInputError naming the first bad value (the bounds are the module's constants)."""
@@ -61,6 +64,8 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidInputError(f"ignore_eos must be true or false, got {quoted(self.ignore_eos)}")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -88,6 +93,8 @@ MAX_REPETITION_PENALTY = 100.0
 # Stop strings: matching costs the same whatever their number (StopMatcher), but each one is
 # held in every stream's automaton, so both their number and their length are bounded.
 MAX_STOP_STRINGS = 16
+# Alternatives per token with log-probabilities (OpenAI's own limit for top_logprobs).
+MAX_LOGPROBS = 20
 MAX_STOP_BYTES = 128
 
 

@@ -17,6 +17,7 @@ The app holds the data plane as `app.state.plane` (server/http/app.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -33,8 +34,9 @@ from starlette.responses import Response
 from server.core.chat_template import ChatMessage
 from server.core.errors import InvalidInputError, ServerError
 from server.core.generation import TokenChunk
+from server.core.generation_stream import TokenLogprob
 from server.core.sampling import SamplingParams
-from server.http import data_plane, until_disconnect
+from server.http import data_plane, logprobs_fields, until_disconnect
 from server.http.auth import refusal_headers
 from server.http.errors import log_error, openai_error_body, status_for
 from server.http.sse import EventStream, close_source, prefetch
@@ -246,22 +248,23 @@ async def completions(request: Request) -> Response:
     """Completes a prompt; `stream: true` answers with server-sent events ending in `data: [DONE]`."""
     body = await _parse(request, CompletionRequest)
     body.check_common()
-    if body.logprobs is not None:
-        raise InvalidInputError("logprobs are not supported by this server")
     prompt = _prompt_text(body)
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    chunks = textgen.generate(data_plane(request), body.model, prompt, body.sampling(max_tokens))
+    params = dataclasses.replace(body.sampling(max_tokens), logprobs=body.logprobs)
+    chunks = textgen.generate(data_plane(request), body.model, prompt, params)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = prompt if body.echo else ""
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(text: str, finish: str | None, entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any]:
+        logprobs = None if body.logprobs is None else logprobs_fields.completion(entries or [], offset)
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if not body.stream:
-        text, last = await until_disconnect(request, _collect(chunks))
+        text, last, entries = await until_disconnect(request, _collect(chunks))
         return _JSONResponse({
             "id": ident, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [choice(echo + text, last.finish_reason if last else None)], "usage": _usage(last),
+            "choices": [choice(echo + text, last.finish_reason if last else None, entries, len(echo))],
+            "usage": _usage(last),
         })
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -271,10 +274,13 @@ async def completions(request: Request) -> Response:
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
         prefix = echo
         last = None
+        offset = 0  # characters of the completion so far: OpenAI's text_offset
         try:
             async for chunk in source:
                 last = chunk
-                yield {**base, "choices": [choice(prefix + chunk.text, chunk.finish_reason)], **extra}
+                entry = choice(prefix + chunk.text, chunk.finish_reason, chunk.logprobs, offset + len(prefix))
+                yield {**base, "choices": [entry], **extra}
+                offset += len(prefix + chunk.text)
                 prefix = ""
         finally:
             await close_source(source)  # a stream cancelled by EventStream ends its generation too
@@ -290,23 +296,28 @@ async def chat_completions(request: Request) -> Response:
     """Answers a chat; the prompt comes from the model's chat template (core/chat_template.py)."""
     body = await _parse(request, ChatCompletionRequest)
     body.check_common()
-    if body.logprobs or body.top_logprobs is not None:
-        raise InvalidInputError("logprobs are not supported by this server")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidInputError("top_logprobs needs logprobs: true")
+    want_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     dataplane = data_plane(request)
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     prompt = _chat_prompts(request).prompt(dataplane, body.model, messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     # Without a limit the answer may fill the context (the scheduler stops it there).
     max_tokens = requested if requested is not None else textgen.context_length(dataplane, body.model)
-    chunks = textgen.generate(dataplane, body.model, prompt, body.sampling(max_tokens))
+    params = dataclasses.replace(body.sampling(max_tokens), logprobs=want_logprobs)
+    chunks = textgen.generate(dataplane, body.model, prompt, params)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
+    def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        return None if want_logprobs is None else logprobs_fields.chat(entries or [])
+
     if not body.stream:
-        text, last = await until_disconnect(request, _collect(chunks))
+        text, last, entries = await until_disconnect(request, _collect(chunks))
         return _JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": chat_logprobs(entries),
                 "finish_reason": last.finish_reason if last else None,
             }],
             "usage": _usage(last),
@@ -318,8 +329,11 @@ async def chat_completions(request: Request) -> Response:
         base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
-        def chunk_event(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            entry = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk_event(
+            delta: dict[str, Any], finish: str | None, entries: list[TokenLogprob] | None = None
+        ) -> dict[str, Any]:
+            logprobs = chat_logprobs(entries) if entries else None
+            entry = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {**base, "choices": [entry], **extra}
 
         # The first chunk carries the role, as OpenAI's does.
@@ -328,8 +342,8 @@ async def chat_completions(request: Request) -> Response:
         try:
             async for chunk in source:
                 last = chunk
-                if chunk.text:
-                    yield chunk_event({"content": chunk.text}, None)
+                if chunk.text or chunk.logprobs:
+                    yield chunk_event({"content": chunk.text}, None, chunk.logprobs)
                 if chunk.finish_reason is not None:
                     yield chunk_event({}, chunk.finish_reason)
         finally:
@@ -341,9 +355,10 @@ async def chat_completions(request: Request) -> Response:
     return EventStream(events(source), error_event=_error_event, done="[DONE]")
 
 
-async def _collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk | None]:
-    parts, last = [], None
+async def _collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk | None, list[TokenLogprob]]:
+    parts, last, entries = [], None, list[TokenLogprob]()
     async for chunk in chunks:
         parts.append(chunk.text)
+        entries.extend(chunk.logprobs or ())
         last = chunk
-    return "".join(parts), last
+    return "".join(parts), last, entries

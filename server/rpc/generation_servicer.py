@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from server.core.generation_stream import TokenLogprob
 from server.rpc import converters, status
 from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.rpc.pb import text_generation_pb2_grpc as gen_grpc
@@ -23,8 +25,23 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         params = converters.sampling_params_from_pb(request)
+        if request.HasField("logprobs"):
+            params = dataclasses.replace(params, logprobs=request.logprobs)
         chunks = self._plane.generate(
             request.model, request.model_version, request.prompt, params, context.time_remaining()
         )
         async for chunk in chunks:
-            yield converters.token_chunk_to_pb(chunk)
+            response = converters.token_chunk_to_pb(chunk)
+            if chunk.logprobs:
+                response.logprobs.extend(_logprobs_to_pb(chunk.logprobs))
+            yield response
+
+
+def _logprobs_to_pb(entries: Sequence[TokenLogprob]) -> list[gen_pb.TokenLogprob]:
+    return [
+        gen_pb.TokenLogprob(
+            token_id=e.token_id, text=e.text, logprob=e.logprob,
+            top=[gen_pb.TokenLogprob(token_id=i, text=t, logprob=lp) for i, t, lp in e.top],
+        )
+        for e in entries
+    ]
