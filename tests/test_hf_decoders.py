@@ -51,10 +51,10 @@ class Served:
         self.stub = gen_grpc.TextGenerationStub(self.channel)
 
     def source(self, model: str) -> Path:
-        return self.sources[model.removesuffix("_gated")]
+        return self.sources[model.removesuffix("_gated").removesuffix("_greedy")]
 
     def reference(self, model: str, prompt: str) -> list[int]:
-        key = (model.removesuffix("_gated"), prompt)
+        key = (model.removesuffix("_gated").removesuffix("_greedy"), prompt)
         if key not in self._references:
             source = self.source(model)
             self._references[key] = greedy_reference(source, prompt_ids(source, prompt), NEW_TOKENS)
@@ -89,6 +89,12 @@ def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' and torch's own deprecation notes while tracing
         export(sources["llama"], "text-generation-with-past", repo, "llama")
+    # The same GPT-2 with a greedy default in its generation_config.json (as many chat models ship).
+    shutil.copytree(repo / "gpt2", repo / "gpt2_greedy")
+    config = (repo / "gpt2_greedy" / "config.pbtxt").read_text().replace('name: "gpt2"', 'name: "gpt2_greedy"')
+    (repo / "gpt2_greedy" / "config.pbtxt").write_text(config)
+    generation = json.loads((repo / "gpt2_greedy" / "generation_config.json").read_text())
+    (repo / "gpt2_greedy" / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.0}))
     gated = repo / "llama_gated"
     shutil.copytree(repo / "llama", gated)
     gate = Gate(work / "gate")
@@ -325,3 +331,27 @@ def test_log_probabilities_are_the_models_through_both_apis(served: Served) -> N
     content = [c for chunk in chat if chunk.choices and chunk.choices[0].logprobs
                for c in chunk.choices[0].logprobs.content or []]
     assert len(content) == 6 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+
+
+def test_sampling_settings_left_out_take_the_models_generation_config_defaults(served: Served) -> None:
+    from openai import OpenAI
+
+    prompt = PROMPTS[0]
+    reference = served.reference("gpt2", prompt)
+    # No temperature in the request: generation_config.json's 0 makes it greedy, on every API.
+    assert ids_of(served.generate("gpt2_greedy", prompt, max_tokens=NEW_TOKENS, ignore_eos=True)) == reference
+    client = OpenAI(base_url=served.server.http_url + "/v1", api_key="unused", max_retries=0)
+    completion = client.completions.create(
+        model="gpt2_greedy", prompt=prompt, max_tokens=NEW_TOKENS, extra_body={"ignore_eos": True}
+    )
+    assert completion.choices[0].text == served.decode("gpt2", reference)
+    triton = grpcclient.InferenceServerClient(served.server.address)
+    inputs = triton_inputs(prompt.encode(), False)
+    sampling = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+    sampling.set_data_from_numpy(np.array([json.dumps({"ignore_eos": True}).encode()], dtype=object))
+    inputs = [t if t.name() != "sampling_parameters" else sampling for t in inputs]
+    result = triton.infer("gpt2_greedy", inputs)
+    assert result.as_numpy("text_output")[0].decode() == served.decode("gpt2", reference)
+    # A temperature the request gives wins over the model's default.
+    sampled = served.generate("gpt2_greedy", prompt, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0, seed=3)
+    assert ids_of(sampled) != reference

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import random
 import secrets
@@ -38,7 +39,7 @@ from server.core.errors import (
     ServerError,
 )
 from server.core.generation_stream import Delivery, Stream, TokenChunk, TokenLogprob, send, token_logprobs
-from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw
+from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw, model_sampling_defaults
 from server.core.statistics import GenerationStats
 from server.core.tokenizer import Tokenizer, load_tokenizer
 from server.runtime.base import Runtime
@@ -90,6 +91,7 @@ class GenerationScheduler:
         self.pad_id = self.eos_ids[0]  # any valid id: the mask hides padding
         self.context_length = int(info["context_length"])
         self.layout = DecoderLayout.of(runtime.inputs, runtime.outputs, info)
+        self.sampling_defaults = model_sampling_defaults(self.tokenizer.generation_defaults)
         self.max_num_seqs = max_num_seqs
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens or max_num_seqs * self.context_length
@@ -144,6 +146,9 @@ class GenerationScheduler:
             DeadlineExceededError: the deadline passed before the stream ended.
             ModelNotReadyError: the model was unloaded.
         """
+        if params.unset and self.sampling_defaults:
+            chosen = {k: v for k, v in self.sampling_defaults.items() if k in params.unset}
+            params = dataclasses.replace(params, **chosen)
         params.check()
         if params.max_tokens > self.context_length:
             raise InvalidInputError(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from server.core.errors import InvalidInputError, quoted
-from server.core.sampling import MAX_STOP_STRINGS, SamplingParams
+from server.core.sampling import MAX_STOP_STRINGS, MODEL_DEFAULTED, SamplingParams
 from server.core.types import InferRequest, ParamValue
 
 
@@ -194,7 +194,7 @@ def generation_args(
                 f"{', '.join([*_SETTINGS, _EMPTY_FINAL])}"
             )
     options = {key: value for key, (_, value) in given.items() if key in _SETTINGS}
-    params = SamplingParams(**options)
+    params = SamplingParams(**options, unset=frozenset(MODEL_DEFAULTED) - set(options))
     params.check()
     stream = given.get("stream")
     exclude = given.get("exclude_input_in_output")

@@ -10,12 +10,13 @@ the same tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from server.core.errors import InvalidInputError, quoted
+from server.core.errors import InvalidInputError, ModelLoadError, quoted
 
 try:  # compiled by setup.py when a C compiler is there; numpy otherwise (same tokens)
     from server.core import _sampling
@@ -40,6 +41,8 @@ class SamplingParams:
         min_tokens: The end-of-sequence token cannot end the stream before this many tokens.
         logprobs: None for none; else each token comes with its log-probability and this
             many most likely alternatives (0 to MAX_LOGPROBS).
+        unset: Which of MODEL_DEFAULTED the request left out: a model's own defaults
+            (generation_config.json) take their place.
     """
 
     max_tokens: int = 64
@@ -52,6 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    unset: frozenset[str] = frozenset()
 
     def check(self) -> None:
         """Raises InvalidInputError naming the first bad value (the bounds are the module's constants)."""
@@ -93,9 +97,27 @@ MAX_REPETITION_PENALTY = 100.0
 # Stop strings: matching costs the same whatever their number (StopMatcher), but each one is
 # held in every stream's automaton, so both their number and their length are bounded.
 MAX_STOP_STRINGS = 16
+# The settings a model's generation_config.json may give defaults for (as vLLM reads it;
+# its do_sample is not read: an API request samples unless its temperature is 0).
+MODEL_DEFAULTED = ("temperature", "top_k", "top_p", "repetition_penalty")
 # Alternatives per token with log-probabilities (OpenAI's own limit for top_logprobs).
 MAX_LOGPROBS = 20
 MAX_STOP_BYTES = 128
+
+
+def model_sampling_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's sampling defaults (from its generation_config.json), each checked like a request's.
+
+    Raises:
+        ModelLoadError: a default outside the bounds a request would be held to.
+    """
+    defaults = {k: v for k, v in raw.items() if k in MODEL_DEFAULTED}
+    for key, value in defaults.items():
+        try:
+            SamplingParams(**{key: value}).check()
+        except InvalidInputError as exc:
+            raise ModelLoadError(f"generation_config.json's {key}: {exc}") from exc
+    return defaults
 
 
 def _is_number(value: object) -> bool:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from server.core.errors import InvalidInputError, ModelLoadError
+from server.core.sampling import MODEL_DEFAULTED
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -52,12 +54,15 @@ class Tokenizer(ABC):
         vocab_size: Ids below this have text; the scheduler never chooses others.
         counts_bos_apart: Usage counts leave out the BOS that encode() puts first (the
             byte-level tokenizer reports a prompt's bytes; others count every id).
+        generation_defaults: Sampling settings of the model's generation_config.json (raw),
+            for requests that leave them out.
     """
 
     bos_id: int | None
     eos_ids: frozenset[int]
     vocab_size: int
     counts_bos_apart: bool = False
+    generation_defaults: Mapping[str, Any] = MappingProxyType({})
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -197,7 +202,7 @@ class HfTokenizer(Tokenizer):
         if bad:
             raise ModelLoadError(f"end-of-sequence id(s) {bad} are outside the vocabulary of {self.vocab_size}")
         self.eos_ids = frozenset(eos)
-        self.generation_defaults = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if k in generation}
+        self.generation_defaults = {k: generation[k] for k in MODEL_DEFAULTED if k in generation}
 
     def _special_id(self, value: Any) -> int | None:
         if isinstance(value, dict):
@@ -222,10 +227,6 @@ class HfTokenizer(Tokenizer):
 
     def detokenizer(self) -> Detokenizer:
         return _WindowDetokenizer(self)
-
-
-# The keys of generation_config.json that name sampling defaults (kept for callers that apply them).
-SAMPLING_DEFAULT_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def load_tokenizer(model_dir: Path, info: dict[str, Any]) -> Tokenizer:

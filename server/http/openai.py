@@ -35,7 +35,7 @@ from server.core.chat_template import ChatMessage
 from server.core.errors import InvalidInputError, ServerError
 from server.core.generation import TokenChunk
 from server.core.generation_stream import TokenLogprob
-from server.core.sampling import SamplingParams
+from server.core.sampling import MODEL_DEFAULTED, SamplingParams
 from server.http import data_plane, logprobs_fields, until_disconnect
 from server.http.auth import refusal_headers
 from server.http.errors import log_error, openai_error_body, status_for
@@ -135,6 +135,7 @@ class _GenerationFields(BaseModel):
             ),
             min_tokens=defaults.min_tokens if self.min_tokens is None else self.min_tokens,
             ignore_eos=defaults.ignore_eos if self.ignore_eos is None else self.ignore_eos,
+            unset=frozenset(name for name in MODEL_DEFAULTED if getattr(self, name) is None),
         )
 
 

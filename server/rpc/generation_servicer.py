@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from server.core.generation_stream import TokenLogprob
+from server.core.sampling import MODEL_DEFAULTED
 from server.rpc import converters, status
 from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.rpc.pb import text_generation_pb2_grpc as gen_grpc
@@ -25,8 +26,15 @@ class TextGenerationServicer(gen_grpc.TextGenerationServicer):
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         params = converters.sampling_params_from_pb(request)
-        if request.HasField("logprobs"):
-            params = dataclasses.replace(params, logprobs=request.logprobs)
+        # Settings left out take the model's defaults (top_k has no presence: 0 counts as left out).
+        given = {
+            "temperature": request.HasField("temperature"), "top_p": request.HasField("top_p"),
+            "repetition_penalty": request.HasField("repetition_penalty"), "top_k": request.top_k != 0,
+        }
+        unset = frozenset(name for name in MODEL_DEFAULTED if not given[name])
+        params = dataclasses.replace(
+            params, logprobs=request.logprobs if request.HasField("logprobs") else None, unset=unset
+        )
         chunks = self._plane.generate(
             request.model, request.model_version, request.prompt, params, context.time_remaining()
         )

@@ -157,3 +157,13 @@ def test_graphs_outside_the_layout_are_refused(change, message: str) -> None:  #
 def test_a_symbolic_head_count_without_generation_json_is_refused() -> None:
     with pytest.raises(ModelLoadError, match="symbolic"):
         DecoderLayout.of(*decoder_signature(1, (-1, -1, -1, 8)), {})
+
+
+def test_a_models_sampling_defaults_are_checked_like_a_requests() -> None:
+    from server.core.sampling import model_sampling_defaults
+
+    assert model_sampling_defaults({"temperature": 0.6, "top_p": 0.9, "do_sample": True}) == {
+        "temperature": 0.6, "top_p": 0.9,
+    }
+    with pytest.raises(ModelLoadError, match="generation_config.json's temperature"):
+        model_sampling_defaults({"temperature": -1})
