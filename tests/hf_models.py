@@ -36,7 +36,11 @@ def training_text(limit_bytes: int = 300_000) -> str:
     return "".join(parts)
 
 
-def train_tokenizer(directory: Path, add_bos: bool) -> None:
+# The Llama's chat template (tokenizer_config.json's chat_template, as Hugging Face models ship it).
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
+
+
+def train_tokenizer(directory: Path, add_bos: bool, chat_template: str | None = None) -> None:
     """Writes tokenizer.json and tokenizer_config.json (BOS added to prompts when `add_bos`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -51,6 +55,8 @@ def train_tokenizer(directory: Path, add_bos: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {"eos_token": EOS, "bos_token": BOS, "add_bos_token": add_bos, "model_max_length": CONTEXT_LENGTH}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -70,10 +76,10 @@ def build_gpt2(directory: Path, seed: int = 0) -> Path:
 
 
 def build_llama(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64, 8 query heads, 2 key/value heads); prompts start with BOS."""
+    """A 2-layer Llama (hidden 64, 8 query heads, 2 key/value heads); prompts start with BOS; a chat template."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    train_tokenizer(directory, add_bos=True)
+    train_tokenizer(directory, add_bos=True, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -280,7 +280,7 @@ def test_openai_completions_and_chat_give_transformers_text(served: Served) -> N
     chat = client.chat.completions.create(
         model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, extra_body=extra
     )
-    chat_prompt = "user: hi\nassistant:"  # no chat template in these tokenizer configs: the plain default
+    chat_prompt = "<|user|>hi\n<|assistant|>"  # the template of the Llama's tokenizer_config.json
     assert chat.choices[0].message.content == served.decode("llama", greedy_reference(
         served.sources["llama"], prompt_ids(served.sources["llama"], chat_prompt), 8
     ))
