@@ -323,6 +323,37 @@ def test_reflection_follows_the_infer_role(server: ServerProcess) -> None:
     assert refused.returncode != 0 and "inference.GRPCInferenceService" not in refused.stdout
 
 
+def test_health_can_be_closed_and_reflection_opened(
+    repo: tuple[Path, Gate], signers: Signers, tmp_path: Path
+) -> None:
+    path = tmp_path / "auth.yaml"
+    write_config(path, signers)
+    config = json.loads(path.read_text())
+    config["open"] = {"health": False, "reflection": True}
+    path.write_text(json.dumps(config))
+    server = ServerProcess(repo[0], tmp_path, "--auth-config", str(path))
+    try:
+        assert httpx.get(f"{server.http_url}/v2/health/ready").status_code == 401
+        ready = httpx.get(f"{server.http_url}/v2/health/ready", headers=bearer(KEYS["infer-digits"]))
+        assert ready.status_code == 200
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT_S)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = health.Check(health_pb2.HealthCheckRequest(), metadata=tuple(bearer(KEYS["infer-digits"]).items()),
+                                 timeout=WAIT_S)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with grpcclient.InferenceServerClient(server.address) as client:
+            code, _ = grpc_status(lambda: client.is_server_live())
+            assert code == "StatusCode.UNAUTHENTICATED"
+        listed = subprocess.run([GRPCURL, "-plaintext", server.address, "list"], capture_output=True, text=True,
+                                timeout=WAIT_S)
+        assert listed.returncode == 0 and "inference.GRPCInferenceService" in listed.stdout
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 # --- roles and models ------------------------------------------------------------------------------------------
 
 

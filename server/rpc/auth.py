@@ -61,7 +61,9 @@ async def _admit(authenticator: Authenticator, role: str, path: str, context: gr
     if (role == HEALTH and config.health) or (role == REFLECTION and config.reflection):
         return True
     try:
-        principal = authenticator.admit(_credential(context), "infer" if role == REFLECTION else role, path, peer)
+        # Closed health and reflection need the infer role, as on HTTP.
+        needed = "infer" if role in (HEALTH, REFLECTION) else role
+        principal = authenticator.admit(_credential(context), needed, path, peer)
     except ServerError as exc:
         code, message = status.status_for(exc)
         await context.abort(code, message, trailing_metadata=status.refusal_metadata(exc, context))
