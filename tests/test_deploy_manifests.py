@@ -532,3 +532,14 @@ def test_kserve_check_catches_a_mismatched_runtime() -> None:
     runtime = copy.deepcopy(_load(KSERVE_DIR / "servingruntime.yaml"))
     runtime["spec"]["containers"][0]["ports"][0]["containerPort"] = 8000
     assert kserve_problems(runtime, _load(KSERVE_DIR / "inferenceservice.yaml"))
+
+
+def test_secret_templates_auth_config_is_valid(tmp_path: Path) -> None:
+    """The Secret template's auth.yaml is in the format --auth-config validates (not a comment placeholder)."""
+    from server.service.auth_config import load_auth_config
+
+    secret = _load(KUBERNETES_DIR / "secret.yaml")
+    path = tmp_path / "auth.yaml"
+    path.write_text(secret["stringData"]["auth.yaml"])
+    config = load_auth_config(path)
+    assert [entry.roles for entry in config.api_keys] == [["infer"]]
