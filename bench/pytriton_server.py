@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=8011)
     parser.add_argument("--metrics-port", type=int, default=8012)
     parser.add_argument("--ready-file", type=Path, help="written with the HTTP port once the model is ready")
+    parser.add_argument("--max-queue-delay-us", type=int, default=0,
+                        help="Triton's dynamic batcher max_queue_delay_microseconds (default 0, as ortserve's)")
     args = parser.parse_args()
 
     match_libpython()
@@ -133,7 +135,10 @@ def main() -> None:
             infer_func=infer,  # one callable: one model instance
             inputs=tensors(sess.get_inputs()),
             outputs=tensors(sess.get_outputs()),
-            config=ModelConfig(max_batch_size=max_batch_size(args.model_dir), batcher=DynamicBatcher()),
+            config=ModelConfig(
+                max_batch_size=max_batch_size(args.model_dir),
+                batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us),
+            ),
             strict=False,
         )
         triton.run()  # returns once the server and the model are ready
