@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import shutil
 import subprocess
 import sys
@@ -67,11 +66,17 @@ class Served:
         request = gen_pb.GenerateRequest(model=model, prompt=prompt, **fields)
         return list(self.stub.Generate(request, timeout=120))
 
-    def waiting(self, model: str) -> float:
-        """The model's streams waiting for a place in its batch (the vLLM gauge of /metrics)."""
+    def metric(self, family: str, model: str, label: str = "") -> float:
+        """One sample of the model's vLLM-style metrics on /metrics (0 when absent)."""
         text = urllib.request.urlopen(self.server.metrics_url, timeout=30).read().decode()
-        found = re.search(rf'^vllm:num_requests_waiting\{{[^}}]*model_name="{model}"[^}}]*\}} (\S+)$', text, re.M)
-        return float(found.group(1)) if found else 0.0
+        for line in text.splitlines():
+            if line.startswith(family + "{") and f'model_name="{model}"' in line and label in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def waiting(self, model: str) -> float:
+        """The model's streams waiting for a place in its batch."""
+        return self.metric("vllm:num_requests_waiting", model)
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +360,36 @@ def test_sampling_settings_left_out_take_the_models_generation_config_defaults(s
     # A temperature the request gives wins over the model's default.
     sampled = served.generate("gpt2_greedy", prompt, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0, seed=3)
     assert ids_of(sampled) != reference
+
+
+def test_a_cancelled_stream_leaves_the_batch_and_a_deadline_ends_a_held_one(served: Served) -> None:
+    model, gate = "llama_gated", served.gate
+    request = gen_pb.GenerateRequest(model=model, prompt=PROMPTS[1], max_tokens=NEW_TOKENS, temperature=0,
+                                     ignore_eos=True)
+    aborted = served.metric("vllm:request_success_total", model, 'finished_reason="abort"')
+    with gate.held():
+        seen = len(gate.entered())
+        call = served.stub.Generate(request, timeout=120)
+        gate.release(gate.wait_entered(seen))  # the prefill
+        held = gate.wait_entered(seen + 1)  # the first decode step, held while the client leaves
+        assert gate.rows(held) == 1
+        call.cancel()
+        wait_until(lambda: served.metric("vllm:request_success_total", model, 'finished_reason="abort"') > aborted,
+                   "the server to see the cancel")
+        gate.release(held)
+        # The cancelled row is dropped before any further step: the next stream runs alone.
+        done: list[gen_pb.GenerateResponse] = []
+        worker = threading.Thread(target=lambda: done.extend(served.generate(
+            model, "x", max_tokens=2, temperature=0, ignore_eos=True)), daemon=True)
+        worker.start()
+        for step in range(2):
+            run = gate.wait_entered(seen + 2 + step)
+            assert gate.rows(run) == 1
+            gate.release(run)
+        worker.join(timeout=120)
+        assert ids_of(done) == served.reference(model, "x")[:2]
+        with pytest.raises(grpc.RpcError) as err:  # its prefill stays held: the deadline passes
+            list(served.stub.Generate(request, timeout=0.5))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ids_of(served.generate(model, "x", max_tokens=3, temperature=0, ignore_eos=True)) == \
+        served.reference(model, "x")[:3]
