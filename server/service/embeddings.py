@@ -17,6 +17,7 @@ import numpy as np
 from server.core.errors import InvalidInputError, quoted
 from server.core.model import ModelSignature
 from server.core.types import InferRequest, InputTensor, RequestedOutput
+from server.service import access
 from server.service.dataplane import DataPlane
 
 EMBEDDING_OUTPUT = "embedding"
@@ -77,6 +78,7 @@ async def embed(dataplane: DataPlane, name: str, texts: list[str], request_id: s
         raise InvalidInputError("model is required")
     if len(name) > 128:
         raise InvalidInputError(f"model name {quoted(name)} is too long")
+    access.check_model(name)  # before the signature is looked at: a model the caller may not use stays opaque
     if not texts:
         raise InvalidInputError("input must hold at least one text")
     if len(texts) > MAX_INPUTS:
