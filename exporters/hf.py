@@ -20,12 +20,16 @@ DECODER_TASKS = ("text-generation-with-past",)
 ENCODER_TASKS = ("feature-extraction", "text-classification")
 
 
-def export(model_dir: Path, task: str, repository: Path, name: str) -> Path:
-    """Exports `model_dir` for `task` as model `name` in `repository`; returns the model's directory."""
+def export(model_dir: Path, task: str, repository: Path, name: str, cache_dtype: str = "float32") -> Path:
+    """Exports `model_dir` for `task` as model `name` in `repository`; returns the model's directory.
+
+    Args:
+        cache_dtype: Decoders only: "float32", or "float16" key/value cache tensors (half the cache memory).
+    """
     if task in DECODER_TASKS:
         from exporters.hf_decoder import export_decoder
 
-        return export_decoder(model_dir, repository, name)
+        return export_decoder(model_dir, repository, name, cache_dtype=cache_dtype)
     if task in ENCODER_TASKS:
         from exporters.hf_encoder import export_encoder
 
@@ -39,11 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True, choices=DECODER_TASKS + ENCODER_TASKS)
     parser.add_argument("--repository", type=Path, required=True, help="the model repository to write into")
     parser.add_argument("--name", required=True, help="the model's name in the repository")
+    parser.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                        help="text-generation-with-past: the key/value cache tensors' type (default float32)")
     args = parser.parse_args(argv)
     from exporters.export import ExportError
 
     try:
-        path = export(args.model_dir, args.task, args.repository, args.name)
+        path = export(args.model_dir, args.task, args.repository, args.name, args.cache_dtype)
     except ExportError as exc:
         sys.exit(f"export failed: {exc}")
     print(f"exported {args.model_dir} ({args.task}) to {path}")
