@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -240,7 +241,7 @@ def role(key: tuple[int, int], comm: str, names: dict[tuple[int, int], str]) -> 
 @dataclass
 class Measured:
     cpu_us: float  # server CPU per request
-    rate: float  # requests/s over the run (perf_analyzer's start-up included)
+    rate: float  # requests/s: concurrency / perf_analyzer's mean latency
     p50_ms: float
     batch: float  # average batch (inferences / executions); 0 for the echo
     roles: dict[str, float]  # CPU us per request by thread role
@@ -264,14 +265,17 @@ def measure(server: Server, concurrency: int, requests: int, names: dict[tuple[i
     else:
         served = after_count[0] - before_count[0]
         batch = served / max(1, after_count[1] - before_count[1])
-    # perf_analyzer's CSV throughput is not meaningful with --request-count (it divides by a
-    # nominal 1 s window); its latency percentiles are.
+    # With --request-count, perf_analyzer's throughput divides by a nominal window and its run
+    # ends on a whole second, so neither it nor the wall time gives the rate; a closed loop of
+    # `concurrency` clients does (Little's law: concurrency / mean latency).
     header, row = csv_path.read_text().splitlines()[:2]
     p50_us = float(dict(zip(header.split(","), row.split(","), strict=True))["p50 latency"])
+    mean = re.search(r"Avg latency: (\d+) usec", result.stdout)
+    rate = concurrency / (int(mean.group(1)) / 1e6) if mean else served / wall
     roles: Counter[str] = Counter()
     for key, (comm, cpu) in threads.items():
         roles[role(key, comm, names)] += cpu / served * 1e6
-    return Measured(sum(roles.values()), served / wall, p50_us / 1000, batch, dict(roles))
+    return Measured(sum(roles.values()), rate, p50_us / 1000, batch, dict(roles))
 
 
 @dataclass
@@ -362,9 +366,9 @@ def table(concurrency: int, runs: dict[str, list[Measured]], profiles: dict[str,
     ort, echo = med["ortserve"], med["echo"]
     lines = [
         f"#### Concurrency {concurrency}\n",
-        f"Unprofiled, median of {len(runs['ortserve'])} runs: ortserve ~{ort.rate:,.0f} infer/s, p50 "
+        f"Unprofiled, median of {len(runs['ortserve'])} runs: ortserve {ort.rate:,.0f} infer/s, p50 "
         f"{ort.p50_ms:.2f} ms, average batch {ort.batch:.1f}, **{ort.cpu_us:.0f} us CPU/request**; "
-        f"echo ~{echo.rate:,.0f} infer/s, p50 {echo.p50_ms:.2f} ms, **{echo.cpu_us:.0f} us CPU/request**; "
+        f"echo {echo.rate:,.0f} infer/s, p50 {echo.p50_ms:.2f} ms, **{echo.cpu_us:.0f} us CPU/request**; "
         f"ratio **{ort.cpu_us / echo.cpu_us:.2f}x**.",
         "",
         "| thread (exact, /proc) | ortserve us/request | echo us/request |",
