@@ -14,8 +14,10 @@ that called it. The rules, applied to each stack from the sampled frame outwards
 frame that decides wins:
 
 1. A blocking call (a condition, semaphore or futex wait, epoll_wait, poll, select, sleep, the
-   GIL's take_gil; native stacks only) decides WAITING: the thread was parked, not computing.
-   These samples are counted but left out of the CPU shares.
+   GIL's take_gil; native stacks only), or the model thread's blocking `get` of its next batch,
+   decides WAITING: the thread was parked, or woken and waiting for a CPU (py-spy counts a runnable
+   thread as busy; on a loaded machine such samples pile up where threads wake). These samples
+   are counted but left out of the CPU shares.
 2. A socket syscall (native stacks only) decides by direction: sendmsg/send/writev/write SEND,
    recvmsg/recv/read RECEIVE; except writes that only wake a thread (uvloop's async handle:
    HANDOFF; C-core's eventfd, the wake-up byte grpc.aio's poller sends the loop: gRPC).
@@ -127,6 +129,9 @@ _LINE_HINTS: dict[str, tuple[tuple[str, str], ...]] = {
     "Scheduler._start": (
         ("concatenate", MERGE), ("queue_wait", BOOKKEEPING), ("submit", HANDOFF), ("def done", HANDOFF),
     ),
+    # Sampled on its blocking get: woken and waiting for a CPU (py-spy counts a runnable thread as
+    # busy), or parked; the wake-up's own CPU is small beside the wait on a busy machine.
+    "InstanceThread._loop": (("self._jobs.get()", WAITING),),
     "Scheduler._finish_batch": (
         ("set_result", HANDOFF), ("set_exception", HANDOFF), ("done()", HANDOFF),
         ("record_execution", BOOKKEEPING), ("_dispatch", QUEUE), ("_idle.append", QUEUE),

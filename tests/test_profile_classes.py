@@ -86,11 +86,16 @@ def test_native_and_thread_rules(sc: ModuleType) -> None:
     assert sc.classify(LOOP_ROOT) == sc.NATIVE_LOOP
     # grpc.aio's server loop waits over its per-method futures.
     assert sc.classify([*LOOP_ROOT, "wait (asyncio/tasks.py:415)"]) == sc.GRPC_LOOP
-    model_thread = ["Thread._bootstrap (threading.py:1002)", "InstanceThread._loop (server/core/batcher.py:147)"]
+    batcher = "server/core/batcher.py"
+    running = _line_of(batcher, "results, infer_ns = run_instance(")
+    model_thread = ["Thread._bootstrap (threading.py:1002)", f"InstanceThread._loop ({batcher}:{running})"]
     assert sc.classify([*model_thread, "run_instance (server/core/batcher.py:416)",
                         "OnnxRuntimeSession.run (server/runtime/onnx.py:151)",
                         "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:395)"]) == sc.ORT
     assert sc.classify(model_thread) == sc.HANDOFF
+    # Sampled on its blocking get: woken or parked, not computing.
+    waiting = _line_of(batcher, "self._jobs.get()")
+    assert sc.classify([model_thread[0], f"InstanceThread._loop ({batcher}:{waiting})"]) == sc.WAITING
     # --native stacks: waits are left out; a wake-up write is a hand-off, not a send.
     assert sc.classify([*model_thread, "pthread_cond_timedwait (libc.so.6)"]) == sc.WAITING
     assert sc.classify([*model_thread, "call_soon_threadsafe (loop.c:1)", "uv_async_send (async.c:1)",
@@ -107,7 +112,7 @@ def test_raw_lines_with_process_and_thread(sc: ModuleType) -> None:
     lines = [
         'process 10:"python -m server";thread (11): MainThread;' + ";".join(LOOP_ROOT) + " 7",
         'process 10:"python -m server";thread (12): ort-mlp-0;Thread._bootstrap (threading.py:1002);'
-        "InstanceThread._loop (server/core/batcher.py:147) 3",
+        "InstanceThread._loop (server/core/batcher.py:0) 3",
     ]
     stacks = sc.read_raw(lines)
     assert sum(stacks.values()) == 10
