@@ -7,11 +7,11 @@ with `--native` also `function (library.so)` for exported native symbols and `0x
 (library.so)` for the rest (grpcio's extension, which holds gRPC's C core, is stripped).
 
 bench/profile_breakdown.py samples Python frames only, without stopping the process
-(`--nonblocking`): in a test, `--native` (which must stop the process to unwind it) charged a
-loop of cheap syscalls 76% of the samples where they took 31% of the time, so its stacks are
-kept for the optional `--native` view. Native work then counts for the innermost Python frame
-that called it. The rules, applied to each stack from the sampled frame outwards; the first
-frame that decides wins:
+(`--nonblocking`): in bench/pyspy_bias_check.py, `--native` (which must stop the process to
+unwind it) charged a loop of cheap syscalls 72-81% of the samples where they took 32% of the
+time, and `--nonblocking` 30-31%; so native stacks are only the optional `--native` view.
+Native work then counts for the innermost Python frame that called it. The rules, applied to
+each stack from the sampled frame outwards; the first frame that decides wins:
 
 1. A blocking call (a condition, semaphore or futex wait, epoll_wait, poll, select, sleep, the
    GIL's take_gil; native stacks only), or the model thread's blocking `get` of its next batch,
