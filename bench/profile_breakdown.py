@@ -399,10 +399,10 @@ def table(concurrency: int, runs: dict[str, list[Measured]], profiles: dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="unprofiled runs per server and concurrency")
+    parser.add_argument("--rounds", type=int, default=3, help="unprofiled runs per server and concurrency")
     parser.add_argument("--requests-c1", type=int, default=3000)
     parser.add_argument("--requests-c64", type=int, default=20000)
-    parser.add_argument("--seconds", type=float, default=8, help="py-spy's window per server and concurrency")
+    parser.add_argument("--seconds", type=float, default=5, help="py-spy's window per pass, server and concurrency")
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true",
                         help="py-spy --native (stops the process to unwind; over-samples syscalls, see stack_classes)")
