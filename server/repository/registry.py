@@ -346,12 +346,13 @@ class ModelRegistry:
             ModelNotFoundError: no such model or version.
             ModelNotReadyError: the model exists but is not serving.
         """
-        if not VALID_MODEL_NAME.match(name or ""):
-            if not name:
-                raise InvalidInputError("model name is empty")
-            raise InvalidInputError(f"invalid model name {quoted(name)}")
         entry = self._entries.get(name)
         if entry is None:
+            # Only valid names are ever registered, so a name found needs no check (this runs per request).
+            if not VALID_MODEL_NAME.match(name or ""):
+                if not name:
+                    raise InvalidInputError("model name is empty")
+                raise InvalidInputError(f"invalid model name {quoted(name)}")
             raise ModelNotFoundError(f"unknown model '{name}'")
         if entry.state != READY:
             reason = f": {entry.reason}" if entry.reason and entry.reason != entry.state.lower() else ""
