@@ -37,6 +37,7 @@ if [ ! -f "$SRC/convert_hf_to_gguf.py" ] || [ ! -f "$SRC/tools/server/CMakeLists
     tar -xzf "$TMP"/llama_cpp_python-*.tar.gz -C "$TMP"
     rm -rf "$SRC"
     mv "$TMP"/llama_cpp_python-*/vendor/llama.cpp "$SRC"
+    rm -f "$SRC/.git"  # a submodule pointer into the sdist's absent repository: CMake's version lookup trips on it
     rm -rf "$TMP"
 fi
 # llama.cpp's own HTTP server (llama-server, C++) from the same tree: llama-cpp-python's server answers one
