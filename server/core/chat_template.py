@@ -29,6 +29,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.core.errors import InvalidInputError, ModelLoadError, quoted
+from server.core.model_files import read_inside
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +119,6 @@ def compile_template(text: str, source: str, bos_token: str = "", eos_token: str
     return ChatTemplate(source, template.render, bos_token, eos_token)
 
 
-def _read_inside(model_dir: Path, name: str, limit: int) -> str | None:
-    path = model_dir / name
-    if not path.exists():
-        return None
-    resolved = path.resolve()
-    if not resolved.is_relative_to(model_dir.resolve()) or not resolved.is_file():
-        raise ModelLoadError(f"{name} must be a file inside the model directory")
-    size = resolved.stat().st_size
-    if size > limit:
-        raise ModelLoadError(f"{name} is {size} bytes; at most {limit} are read")
-    try:
-        return resolved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{name} cannot be read: {exc}") from exc
-
-
 def _token_text(value: Any) -> str:
     """A special token as tokenizer configs write it: a string or {"content": ...}."""
     if isinstance(value, dict):
@@ -147,10 +132,10 @@ def load_chat_template(model_dir: Path) -> ChatTemplate | None:
     Raises:
         ModelLoadError: a template file or tokenizer config that is malformed, too large or outside the directory.
     """
-    text = _read_inside(model_dir, TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
+    text = read_inside(model_dir, TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
     bos = eos = ""
     source = TEMPLATE_FILE
-    raw_config = _read_inside(model_dir, TOKENIZER_CONFIG_FILE, MAX_TOKENIZER_CONFIG_BYTES)
+    raw_config = read_inside(model_dir, TOKENIZER_CONFIG_FILE, MAX_TOKENIZER_CONFIG_BYTES)
     if raw_config is not None:
         try:
             config = json.loads(raw_config)

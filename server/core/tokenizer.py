@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.core.errors import InvalidInputError, ModelLoadError
+from server.core.model_files import read_inside
 from server.core.sampling import MODEL_DEFAULTED
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -172,7 +173,7 @@ class HfTokenizer(Tokenizer):
     def __init__(self, model_dir: Path, fallback_eos: Sequence[int] = ()) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        raw = _read_inside(model_dir, TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+        raw = read_inside(model_dir, TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
         if raw is None:
             raise ModelLoadError(f"{TOKENIZER_FILE} is missing from the model directory")
         try:
@@ -261,25 +262,8 @@ def _id_list(value: Any) -> list[int]:
     return [] if one is None else [one]
 
 
-def _read_inside(model_dir: Path, name: str, limit: int) -> str | None:
-    """A file of the model directory as text, or None when absent; refuses links out of it."""
-    path = model_dir / name
-    if not path.exists():
-        return None
-    resolved = path.resolve()
-    if not resolved.is_relative_to(model_dir.resolve()) or not resolved.is_file():
-        raise ModelLoadError(f"{name} must be a file inside the model directory")
-    size = resolved.stat().st_size
-    if size > limit:
-        raise ModelLoadError(f"{name} is {size} bytes; at most {limit} are read")
-    try:
-        return resolved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{name} cannot be read: {exc}") from exc
-
-
 def _read_json(model_dir: Path, name: str) -> dict[str, Any]:
-    raw = _read_inside(model_dir, name, MAX_CONFIG_BYTES)
+    raw = read_inside(model_dir, name, MAX_CONFIG_BYTES)
     if raw is None:
         return {}
     try:
