@@ -15,9 +15,11 @@ The servers, each one process on this machine, 2 threads where the engine has a 
 - llama-server: llama.cpp's C++ server, `--parallel` = the largest level (one slot per stream),
   continuous batching, `--threads 2 --threads-batch 2`, 256 tokens of context per slot, and
   `--poll 0`: its worker threads sleep instead of spinning while they wait for work, as ortserve's
-  ONNX Runtime threads do (allow_spinning off). On these 2 cores, shared with the load generator,
-  llama.cpp's default polling made it about 3x slower at 8 and 32 streams (1671 and 2177 tok/s
-  against 5433 and 5993 with --poll 0, one run each); `--llama-server-args ''` gives the default.
+  ONNX Runtime threads do (allow_spinning off). With the machine busy (load average 4-5 on these
+  2 cores) llama.cpp's default polling was about 3x slower at 8 and 32 streams (1671 and 2177 tok/s
+  against 5433 and 5993, one run each); on a quiet machine the two are alike. `--llama-server-args`
+  changes it ('' for llama.cpp's defaults; '--poll 0 --threads 1 --threads-batch 1' was llama.cpp's
+  fastest setting here: one core computes, the other serves HTTP and runs the load generator).
 - llama-cpp-python: `python -m llama_cpp.server` (`--interrupt_requests False`: by default a new
   request ends the stream in progress). It holds one lock around the model, so it serves one
   stream at a time whatever the load: its figures are what an unbatched server gives.
