@@ -3,7 +3,7 @@
 
 Serves bench/models.py's MLP with two ortserve servers, both up for the whole run: "off" (no auth) and
 "on" (`--auth-config` with an API key, plus ten other keys so the constant-time comparison walks a
-realistic list). Each round measures both, interleaved (off on off on ...), with:
+realistic list). Each round measures both, interleaved (off on, then on off in the next round), with:
 
 - HTTP: perf_analyzer (`-i http`, its `-H 'Authorization: Bearer <key>'` header on the "on" server),
   concurrency 64, batch 1 per request;
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     repo = OUT / "repo"
@@ -151,8 +152,10 @@ def main() -> None:
     try:
         check_auth(servers["on"])
         for round_index in range(args.rounds):
-            for protocol in ("grpc", "http"):
-                for label, server in servers.items():
+            for protocol in args.protocols:
+                # The order alternates from round to round, so that a position effect hits both alike.
+                order = list(servers.items()) if round_index % 2 == 0 else list(reversed(servers.items()))
+                for label, server in order:
                     key = KEY if label == "on" else None
                     if protocol == "http":
                         def run(server: Server = server, key: str | None = key, label: str = label) -> dict[str, float]:
@@ -178,7 +181,7 @@ def main() -> None:
               f"{med['cpu_us']:.0f} |")
     print("\n| protocol | on/off throughput per round | median | CPU/inference on/off median |")
     print("|---|---|---:|---:|")
-    for protocol in ("grpc", "http"):
+    for protocol in args.protocols:
         on, off = runs[(protocol, "on")], runs[(protocol, "off")]
         rates = [a["rate"] / b["rate"] for a, b in zip(on, off, strict=True)]
         cpu = statistics.median(a["cpu_us"] / b["cpu_us"] for a, b in zip(on, off, strict=True))
