@@ -73,6 +73,8 @@ class SchedulerConfig:
             memory stays bounded.
         adaptive_delay: Wait out max_queue_delay_us only while recent requests arrived to find
             others outstanding (see Scheduler._company); a lone client is served at once.
+        padded_inputs: Inputs whose first dimension after the batch (a sequence) may differ between
+            requests that share a run: each is padded with zeros at the end to the longest.
     """
 
     max_batch_size: int = 0
@@ -85,6 +87,7 @@ class SchedulerConfig:
     priority_policies: dict[int, QueuePolicy] = field(default_factory=dict)
     hard_queue_limit: int = HARD_QUEUE_LIMIT
     adaptive_delay: bool = False
+    padded_inputs: frozenset[str] = frozenset()
 
     def policy(self, level: int) -> QueuePolicy:
         return self.priority_policies.get(level, self.default_policy)
@@ -250,7 +253,7 @@ class Scheduler:
             batch_size=batch_size,
             output_names=tuple(output_names),
             level=level,
-            key=_batch_key(inputs, output_names),
+            key=_batch_key(inputs, output_names, self.config.padded_inputs),
             enqueued_ns=time.perf_counter_ns(),
             future=loop.create_future(),
         )
@@ -353,7 +356,12 @@ class Scheduler:
             if len(batch) == 1:
                 feed = head.inputs
             else:
-                feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in head.inputs}
+                padded = self.config.padded_inputs
+                feed = {
+                    name: _padded_concatenate([p.inputs[name] for p in batch]) if name in padded
+                    else np.concatenate([p.inputs[name] for p in batch])
+                    for name in head.inputs
+                }
         except Exception as exc:  # cannot happen for validated requests; never strand them
             self._finish_batch(thread, batch, None, exc, 0, 0)
             return
@@ -435,6 +443,24 @@ def _queue_timeout_s(policy: QueuePolicy, request_timeout_us: int) -> float | No
     return timeout_us / 1e6 if timeout_us > 0 else None
 
 
-def _batch_key(inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> BatchKey:
-    """Requests share a run only with equal non-batch shapes and the same outputs."""
-    return tuple((name, inputs[name].shape[1:]) for name in sorted(inputs)) + (tuple(output_names),)
+def _batch_key(
+    inputs: dict[str, np.ndarray], output_names: Sequence[str], padded: frozenset[str] = frozenset()
+) -> BatchKey:
+    """Requests share a run only with equal non-batch shapes (but for a padded input's sequence length)
+    and the same outputs."""
+    return tuple(
+        (name, inputs[name].shape[2:] if name in padded else inputs[name].shape[1:]) for name in sorted(inputs)
+    ) + (tuple(output_names),)
+
+
+def _padded_concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays stacked along the batch, each padded with zeros at the end of dimension 1 to the longest."""
+    longest = max(a.shape[1] for a in arrays)
+    if all(a.shape[1] == longest for a in arrays):
+        return np.concatenate(arrays)
+    merged = np.zeros((sum(a.shape[0] for a in arrays), longest, *arrays[0].shape[2:]), arrays[0].dtype)
+    row = 0
+    for array in arrays:
+        merged[row:row + array.shape[0], :array.shape[1]] = array
+        row += array.shape[0]
+    return merged

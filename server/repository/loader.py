@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import onnx
 from onnx import external_data_helper
 
 from server.core import bytes_codec, datatypes
-from server.core.batcher import HARD_QUEUE_LIMIT
+from server.core.batcher import HARD_QUEUE_LIMIT, SchedulerConfig
 from server.core.errors import ModelLoadError, first_line
 from server.core.generation import GenerationScheduler
 from server.core.model import Model, ModelSignature, to_model_shape
@@ -162,7 +163,7 @@ def _load_version(
             group.count = max(group.count, 1)
         config.parameters["execution_provider"].string_value = first.providers[0]
         signature = ModelSignature(inputs, outputs, config.max_batch_size, labels)
-        scheduling = model_config.scheduler_config(config, HARD_QUEUE_LIMIT)
+        scheduling = _with_padding(model_config.scheduler_config(config, HARD_QUEUE_LIMIT), config, signature)
         warm_up(config, signature, instances, repository.model_dir(name))
         # After warm-up: a test gate holds only the runs of real requests.
         served = gate.wrap(instances, gate.gate_dir_from({k: v.string_value for k, v in config.parameters.items()}))
@@ -323,3 +324,39 @@ def warm_up(config: mc.ModelConfig, signature: ModelSignature, instances: Sequen
             raise
         except Exception as exc:
             raise ModelLoadError(f"warm-up '{sample.name}' failed: {first_line(exc)}") from exc
+
+
+PAD_PARAMETER = "pad_batch_inputs"
+
+
+def _with_padding(scheduling: SchedulerConfig, config: mc.ModelConfig, signature: ModelSignature) -> SchedulerConfig:
+    """The `pad_batch_inputs` parameter (ours): inputs whose sequence dimension may differ within a run.
+
+    Requests of different lengths then share a run, each padded with zeros to the longest; the outputs
+    are returned as the model computes them, so only models whose outputs do not depend on the padded
+    length (pooled embeddings, classifier logits, with an attention mask that zeros out the padding)
+    may use it: an output with a variable dimension is refused.
+
+    Raises:
+        ModelLoadError: unknown inputs, inputs without a variable first dimension, no dynamic batching,
+            or outputs of variable shape.
+    """
+    entry = config.parameters.get(PAD_PARAMETER)
+    names = frozenset(n.strip() for n in (entry.string_value if entry is not None else "").split(",") if n.strip())
+    if not names:
+        return scheduling
+    where = f"parameters {PAD_PARAMETER}"
+    if not scheduling.dynamic_batching:
+        raise ModelLoadError(f"{where} needs dynamic_batching")
+    specs = {spec.name: spec for spec in signature.inputs}
+    for name in sorted(names):
+        spec = specs.get(name)
+        if spec is None:
+            raise ModelLoadError(f"{where} names {name!r}, which is not an input")
+        if not spec.dims or spec.dims[0] != -1:
+            raise ModelLoadError(f"{where}: input {name!r} has no variable first dimension to pad ({list(spec.dims)})")
+    varying = [o.name for o in signature.outputs if -1 in o.dims]
+    if varying:
+        raise ModelLoadError(f"{where}: outputs {varying} have a variable dimension; padding would show in them")
+    return dataclasses.replace(scheduling, padded_inputs=names)
+

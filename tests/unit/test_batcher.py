@@ -284,3 +284,55 @@ def test_adaptive_queue_delay_parameter(value: str | None, expected: bool) -> No
         config.parameters["adaptive_queue_delay"].string_value = value
     assert scheduler_config(config, 100).adaptive_delay is expected
     assert ("adaptive_queue_delay" in config.parameters) is (value is not None)  # reading added no key
+
+
+async def test_padded_inputs_let_different_lengths_share_a_run() -> None:
+    """With `x` padded, requests of lengths 2, 5 and 3 run together, zero-padded at the end to 5."""
+    runtime = FakeRuntime(held=True)
+    config = SchedulerConfig(max_batch_size=8, dynamic_batching=True, padded_inputs=frozenset({"x"}))
+    scheduler = make(config, runtime)
+    first = asyncio.create_task(submit(scheduler, 0.0))
+    await wait_for_runs(runtime, 1)
+    lengths = [2, 5, 3]
+    pending = asyncio.gather(*(scheduler.submit(batch(float(i + 1), 1, width), 1, ["y"])
+                               for i, width in enumerate(lengths)))
+    await wait_queued(scheduler, 3)
+    runtime.release()
+    results = await pending
+    await first
+    merged = runtime.runs[1]
+    assert merged.shape == (3, 5)
+    for row, (value, width) in enumerate(zip((1.0, 2.0, 3.0), lengths, strict=True)):
+        np.testing.assert_array_equal(merged[row, :width], value)
+        np.testing.assert_array_equal(merged[row, width:], 0.0)
+    assert [y.shape for [y] in results] == [(1, 5)] * 3  # the outputs as the model computed them
+    # (Without padded_inputs, different shapes never share a run: test_different_shapes_are_never_merged.)
+
+
+@pytest.mark.parametrize("parameter,error", [
+    ("nope", "which is not an input"),
+    ("y", "which is not an input"),
+])
+def test_pad_batch_inputs_refusals(parameter: str, error: str) -> None:
+    from google.protobuf import text_format
+
+    from server.core.errors import ModelLoadError
+    from server.core.model import ModelSignature
+    from server.core.types import TensorSpec
+    from server.repository.config import scheduler_config
+    from server.repository.loader import _with_padding
+    from server.schema import model_config_pb2 as mc
+
+    config = text_format.Parse("max_batch_size: 8 dynamic_batching { }", mc.ModelConfig())
+    config.parameters["pad_batch_inputs"].string_value = parameter
+    signature = ModelSignature([TensorSpec("x", "INT64", (-1,))], [TensorSpec("y", "FP32", (4,))], 8)
+    with pytest.raises(ModelLoadError, match=error):
+        _with_padding(scheduler_config(config, 100), config, signature)
+    config.parameters["pad_batch_inputs"].string_value = "x"
+    assert _with_padding(scheduler_config(config, 100), config, signature).padded_inputs == {"x"}
+    varying = ModelSignature([TensorSpec("x", "INT64", (-1,))], [TensorSpec("y", "FP32", (-1,))], 8)
+    with pytest.raises(ModelLoadError, match="variable dimension"):
+        _with_padding(scheduler_config(config, 100), config, varying)
+    fixed = ModelSignature([TensorSpec("x", "INT64", (3,))], [TensorSpec("y", "FP32", (4,))], 8)
+    with pytest.raises(ModelLoadError, match="no variable first dimension"):
+        _with_padding(scheduler_config(config, 100), config, fixed)
