@@ -52,24 +52,28 @@ def _credential(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-async def _admit(authenticator: Authenticator, role: str, path: str, context: grpc.aio.ServicerContext) -> bool:
-    """Sets the call's principal; False when the call was refused (and aborted)."""
+def _admit(authenticator: Authenticator, role: str, path: str, context: grpc.aio.ServicerContext) -> ServerError | None:
+    """Sets the call's principal, or returns why the call is refused (synchronous: no extra await per call)."""
     peer = context.peer() or ""
     if peer.startswith("unix:"):
-        return True
+        return None
     config = authenticator.config.open
     if (role == HEALTH and config.health) or (role == REFLECTION and config.reflection):
-        return True
+        return None
     try:
         # Closed health and reflection need the infer role, as on HTTP.
         needed = "infer" if role in (HEALTH, REFLECTION) else role
         principal = authenticator.admit(_credential(context), needed, path, peer)
     except ServerError as exc:
-        code, message = status.status_for(exc)
-        await context.abort(code, message, trailing_metadata=status.refusal_metadata(exc, context))
-        return False
+        return exc
     access.current_principal.set(principal)
-    return True
+    return None
+
+
+async def _refuse(context: grpc.aio.ServicerContext, exc: ServerError) -> None:
+    """Ends the call with the refusal's status and the trailers that tell the client what to do."""
+    code, message = status.status_for(exc)
+    await context.abort(code, message, trailing_metadata=status.refusal_metadata(exc, context))
 
 
 def authorized(behaviour: Callable[..., Any], path: str, authenticator: Authenticator) -> Callable[..., Any]:
@@ -78,15 +82,20 @@ def authorized(behaviour: Callable[..., Any], path: str, authenticator: Authenti
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if await _admit(authenticator, role, path, context):
-                async for item in behaviour(request, context):
-                    yield item
+            refusal = _admit(authenticator, role, path, context)
+            if refusal is not None:
+                await _refuse(context, refusal)
+                return
+            async for item in behaviour(request, context):
+                yield item
 
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if await _admit(authenticator, role, path, context):
-            return await behaviour(request, context)
-        return None
+        refusal = _admit(authenticator, role, path, context)
+        if refusal is not None:
+            await _refuse(context, refusal)
+            return None
+        return await behaviour(request, context)
 
     return call
