@@ -119,8 +119,18 @@ def audit(event: str, principal: str, **fields: str) -> None:
 
     `principal` is the caller's configured name (or "-" when unknown); secrets never appear here.
     """
+    # Values can carry client text (a path, a model name): control characters are escaped so that a client
+    # cannot start a forged line in a text log.
+    fields = {key: _printable(value) for key, value in fields.items()}
+    principal = _printable(principal)
     details = " ".join(f"{key}={value}" for key, value in fields.items() if value)
     logging.getLogger(AUDIT_LOGGER).info(
         "audit %s principal=%s %s", event, principal, details,
         extra={"audit_event": event, "principal": principal, **fields},
     )
+
+
+def _printable(value: str) -> str:
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)

@@ -421,6 +421,16 @@ def test_refused_authentication_is_audited_without_the_secret(server: ServerProc
     assert not any("audit-probe-secret-value" in line for line in lines)
 
 
+def test_audit_lines_cannot_be_forged_through_the_path(server: ServerProcess) -> None:
+    """A percent-encoded newline in the path reaches the audit line escaped, not as a second line."""
+    forged = "audit model_unload principal=everything model=forged outcome=ok"
+    path = "/v2/models/x%0A" + forged.replace(" ", "%20").replace("=", "%3D") + "/ready"
+    assert httpx.get(f"{server.http_url}{path}", headers=bearer("not-a-key")).status_code == 401
+    wait_until(lambda: "model=forged" in server.log(), "the refused request's audit line")
+    assert not any(line.startswith(forged) for line in server.log().splitlines())
+    assert any("\\x0a" + forged in line for line in server.log().splitlines())
+
+
 def test_metrics_need_the_metrics_role(server: ServerProcess) -> None:
     for url in (server.metrics_url, f"{server.http_url}/metrics"):
         assert httpx.get(url).status_code == 401
