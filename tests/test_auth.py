@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -437,6 +438,24 @@ def test_metrics_need_the_metrics_role(server: ServerProcess) -> None:
         assert httpx.get(url, headers=bearer(KEYS["infer-digits"])).status_code == 403
         scraped = httpx.get(url, headers=bearer(KEYS["metrics"]))
         assert scraped.status_code == 200 and "nv_inference_count" in scraped.text
+
+
+def test_our_command_line_clients_send_the_key(server: ServerProcess) -> None:
+    """clients/predict.py and clients/generate.py take --api-key (or ORTSERVE_API_KEY); without it, a clear refusal."""
+    predict = [sys.executable, str(ROOT / "clients" / "predict.py"), "--url", server.address]
+    allowed = subprocess.run([*predict, "--api-key", KEYS["everything"]], capture_output=True, text=True,
+                             timeout=WAIT_S)
+    assert allowed.returncode == 0 and "logits" in allowed.stdout, allowed.stderr
+    from_env = subprocess.run(predict, capture_output=True, text=True, timeout=WAIT_S,
+                              env={**os.environ, "ORTSERVE_API_KEY": KEYS["infer-digits"]})
+    assert from_env.returncode == 0, from_env.stderr
+    refused = subprocess.run(predict, capture_output=True, text=True, timeout=WAIT_S,
+                             env={k: v for k, v in os.environ.items() if k != "ORTSERVE_API_KEY"})
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    generate = [sys.executable, str(ROOT / "clients" / "generate.py"), "--url", server.address, "--max-tokens", "4",
+                "--ignore-eos", "--api-key", KEYS["everything"], "def "]
+    streamed = subprocess.run(generate, capture_output=True, text=True, timeout=WAIT_S)
+    assert streamed.returncode == 0 and "completion 4 tokens" in streamed.stderr, streamed.stderr
 
 
 # --- JWT ---------------------------------------------------------------------------------------------------------

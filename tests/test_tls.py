@@ -294,6 +294,18 @@ def test_healthcheck_over_tls(tls: ServerProcess, pki: Pki) -> None:
 # --- TLS: refused ----------------------------------------------------------------------------------------------
 
 
+def test_our_command_line_client_over_mutual_tls(mtls: ServerProcess, pki: Pki) -> None:
+    """clients/generate.py with --tls-ca and a client certificate (ortserve_client.connection, which predict.py
+    shares); without them the handshake is refused."""
+    generate = [sys.executable, str(ROOT / "clients" / "generate.py"), "--url", f"localhost:{mtls.port}",
+                "--max-tokens", "4", "--ignore-eos", "--timeout-s", "30"]
+    tls = ["--tls-ca", str(pki.ca.pem), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    streamed = subprocess.run([*generate, *tls, "def "], capture_output=True, text=True, timeout=WAIT_S)
+    assert streamed.returncode == 0 and "completion 4 tokens" in streamed.stderr, streamed.stderr
+    plaintext = subprocess.run([*generate, "def "], capture_output=True, text=True, timeout=WAIT_S)
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+
+
 def test_plaintext_clients_are_refused(tls: ServerProcess) -> None:
     with grpc.insecure_channel(tls.address) as channel, pytest.raises(grpc.RpcError) as err:
         generate(gen_grpc.TextGenerationStub(channel))

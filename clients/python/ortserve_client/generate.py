@@ -13,6 +13,7 @@ import sys
 
 import grpc
 
+from ortserve_client.connection import add_connection_arguments, call_metadata, open_channel
 from ortserve_client.pb import text_generation_pb2 as gen_pb
 from ortserve_client.pb import text_generation_pb2_grpc as gen_grpc
 
@@ -45,12 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n escapes work)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    add_connection_arguments(parser)
     return parser
 
 
-def stream(stub: gen_grpc.TextGenerationStub, request: gen_pb.GenerateRequest, timeout_s: float) -> None:
+def stream(
+    stub: gen_grpc.TextGenerationStub, request: gen_pb.GenerateRequest, timeout_s: float,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
     """Writes each response's new text to stdout as it arrives; the finish summary goes to stderr."""
-    for response in stub.Generate(request, timeout=timeout_s):
+    for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
         sys.stdout.write(response.text)
         sys.stdout.flush()
         if response.finish_reason:
@@ -64,11 +69,11 @@ def stream(stub: gen_grpc.TextGenerationStub, request: gen_pb.GenerateRequest, t
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (1 on an RPC error)."""
     args = _parser().parse_args(argv)
-    with grpc.insecure_channel(args.url) as channel:
+    with open_channel(args) as channel:
         stub = gen_grpc.TextGenerationStub(channel)
         sys.stdout.write(args.prompt)
         try:
-            stream(stub, build_request(args), args.timeout_s)
+            stream(stub, build_request(args), args.timeout_s, call_metadata(args))
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

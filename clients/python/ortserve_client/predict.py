@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from ortserve_client import codec
+from ortserve_client.connection import add_connection_arguments, call_metadata, open_channel
 from ortserve_client.pb import grpc_service_pb2 as pb
 from ortserve_client.pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -134,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output to return (default: all, or the first with --top-k)")
     parser.add_argument("--top-k", type=int, default=None, help="print the k best classes (default 3 for images)")
     parser.add_argument("--timeout-s", type=float, default=30.0)
+    add_connection_arguments(parser)
     return parser
 
 
@@ -152,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (1 on an RPC error)."""
     args = _parser().parse_args(argv)
     top_k = args.top_k if args.top_k is not None else (3 if args.npy is None and args.json is None else 0)
-    with grpc.insecure_channel(args.url, options=CHANNEL_OPTIONS) as channel:
+    credential = call_metadata(args)
+    with open_channel(args, CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             metadata = stub.ModelMetadata(
-                pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout_s
+                pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout_s,
+                metadata=credential,
             )
             inputs = inputs_from_args(args, metadata)
             request = build_request(args.model, args.model_version, inputs, metadata, args.output, top_k)
-            response = stub.ModelInfer(request, timeout=args.timeout_s)
+            response = stub.ModelInfer(request, timeout=args.timeout_s, metadata=credential)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
