@@ -458,6 +458,26 @@ def test_our_command_line_clients_send_the_key(server: ServerProcess) -> None:
     assert streamed.returncode == 0 and "completion 4 tokens" in streamed.stderr, streamed.stderr
 
 
+def test_the_node_client_sends_the_key(server: ServerProcess) -> None:
+    """clients/node's CLIs take --api-key (or ORTSERVE_API_KEY): the interceptor adds it to unary calls and streams."""
+    node_dir = ROOT / "clients" / "node"
+    env = {k: v for k, v in os.environ.items() if k != "ORTSERVE_API_KEY"}
+
+    def node(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        extra = {"ORTSERVE_API_KEY": key} if key else {}
+        return subprocess.run(["node", *args], cwd=node_dir, capture_output=True, text=True, timeout=WAIT_S,
+                              env={**env, **extra})
+
+    infer = node("infer.js", "--url", server.address, "--image", "../samples/digit_3.png", "--api-key",
+                 KEYS["everything"])
+    assert infer.returncode == 0 and "predicted: 3" in infer.stdout, infer.stderr
+    streamed = node("generate.js", "--url", server.address, "--max-tokens", "4", "--ignore-eos", "def ",
+                    key=KEYS["everything"])
+    assert streamed.returncode == 0 and "completion 4 tokens" in streamed.stderr, streamed.stderr
+    refused = node("infer.js", "--url", server.address, "--image", "../samples/digit_3.png")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
 # --- JWT ---------------------------------------------------------------------------------------------------------
 
 

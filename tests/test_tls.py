@@ -306,6 +306,18 @@ def test_our_command_line_client_over_mutual_tls(mtls: ServerProcess, pki: Pki) 
     assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
 
 
+def test_the_node_client_over_mutual_tls(mtls: ServerProcess, pki: Pki) -> None:
+    """clients/node's generate.js with --tls-ca and a client certificate; without them the handshake is refused."""
+    command = ["node", "generate.js", "--url", f"localhost:{mtls.port}", "--max-tokens", "4", "--ignore-eos",
+               "--timeout-s", "30"]
+    tls = ["--tls-ca", str(pki.ca.pem), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    node_dir = ROOT / "clients" / "node"
+    streamed = subprocess.run([*command, *tls, "def "], cwd=node_dir, capture_output=True, text=True, timeout=WAIT_S)
+    assert streamed.returncode == 0 and "completion 4 tokens" in streamed.stderr, streamed.stderr
+    plaintext = subprocess.run([*command, "def "], cwd=node_dir, capture_output=True, text=True, timeout=WAIT_S)
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+
+
 def test_plaintext_clients_are_refused(tls: ServerProcess) -> None:
     with grpc.insecure_channel(tls.address) as channel, pytest.raises(grpc.RpcError) as err:
         generate(gen_grpc.TextGenerationStub(channel))

@@ -10,6 +10,7 @@
  * each BYTES element preceded by its length as a 4-byte little-endian integer.
  */
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -46,12 +47,53 @@ function loadServices(protoDir = PROTO_DIR) {
   return { Inference: loaded.inference.GRPCInferenceService, TextGeneration: loaded.ortserve.v1.TextGeneration };
 }
 
-/** Clients of both services on one insecure channel to host:port; close() ends it. */
-function connect(url) {
+/**
+ * The command-line options every CLI takes to reach a server: an API key (or access token) sent as
+ * `authorization: Bearer <key>` on every call (default: the ORTSERVE_API_KEY environment variable, which keeps it
+ * out of the process list), and TLS: --tls-ca (the CA of the server's certificate), --tls-cert/--tls-key (mutual
+ * TLS), --tls-server-name (when the address is not a name the certificate holds). Spread into parseArgs' options.
+ */
+const CONNECTION_OPTIONS = {
+  'api-key': { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-server-name': { type: 'string' },
+};
+
+/** Channel credentials from the parsed options: TLS when a CA or a client certificate is given, else plaintext. */
+function channelCredentials(args) {
+  if (!args['tls-ca'] && !args['tls-cert']) return grpc.credentials.createInsecure();
+  if (Boolean(args['tls-cert']) !== Boolean(args['tls-key'])) {
+    throw new Error('--tls-cert and --tls-key go together');
+  }
+  const read = (name) => (args[name] ? fs.readFileSync(args[name]) : null);
+  return grpc.credentials.createSsl(read('tls-ca'), read('tls-key'), read('tls-cert'));
+}
+
+/** An interceptor that adds the bearer credential to every call's metadata (streams included). */
+function bearerInterceptor(key) {
+  return (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      metadata.set('authorization', `Bearer ${key}`);
+      next(metadata, listener);
+    },
+  });
+}
+
+/**
+ * Clients of both services on one channel to host:port; close() ends it. `args`: the parsed CONNECTION_OPTIONS
+ * (none given: plaintext, no key).
+ */
+function connect(url, args = {}) {
   const { Inference, TextGeneration } = loadServices();
-  const inference = new Inference(url, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  const options = { ...CHANNEL_OPTIONS };
+  if (args['tls-server-name']) options['grpc.ssl_target_name_override'] = args['tls-server-name'];
+  const key = args['api-key'] || process.env.ORTSERVE_API_KEY;
+  const interceptors = key ? [bearerInterceptor(key)] : [];
+  const inference = new Inference(url, channelCredentials(args), { ...options, interceptors });
   // The second client shares the first one's channel.
-  const generation = new TextGeneration(url, null, { channelOverride: inference.getChannel() });
+  const generation = new TextGeneration(url, null, { channelOverride: inference.getChannel(), interceptors });
   return { inference, generation, close: () => inference.close() };
 }
 
@@ -170,6 +212,6 @@ function exitWithError(error) {
 }
 
 module.exports = {
-  PROTO_DIR, connect, loadServices, unary, deadline, encodeRaw, decodeRaw, tensor, inferRequest, decodeOutputs,
-  elementCount, exitWithError,
+  PROTO_DIR, CONNECTION_OPTIONS, connect, loadServices, unary, deadline, encodeRaw, decodeRaw, tensor,
+  inferRequest, decodeOutputs, elementCount, exitWithError,
 };

@@ -14,6 +14,7 @@ const client = require('./client');
 const { values: args, positionals } = parseArgs({
   allowPositionals: true,
   options: {
+    ...client.CONNECTION_OPTIONS,
     url: { type: 'string', default: '127.0.0.1:8001' },
     model: { type: 'string', default: 'bytes_decoder' },
     'model-version': { type: 'string', default: '' },
@@ -53,7 +54,7 @@ function main() {
     process.exit(2);
   }
   const prompt = positionals[0];
-  const { generation, close } = client.connect(args.url);
+  const { generation, close } = client.connect(args.url, args);
   process.stdout.write(prompt);
   const call = generation.Generate(buildRequest(prompt), client.deadline(Number(args['timeout-s'])));
   call.on('data', (response) => {

@@ -16,6 +16,7 @@ const { readGray, resizeArea } = require('./png');
 
 const { values: args } = parseArgs({
   options: {
+    ...client.CONNECTION_OPTIONS,
     url: { type: 'string', default: '127.0.0.1:8001' },
     model: { type: 'string', default: 'digits' },
     image: { type: 'string', default: path.join(__dirname, '..', 'samples', 'digit_7.png') },
@@ -36,7 +37,7 @@ function imageTensor(spec) {
 }
 
 async function main() {
-  const { inference, close } = client.connect(args.url);
+  const { inference, close } = client.connect(args.url, args);
   const timeoutS = Number(args['timeout-s']);
   try {
     const metadata = await client.unary(inference, 'ModelMetadata', { name: args.model }, timeoutS);

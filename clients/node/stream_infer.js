@@ -18,6 +18,7 @@ const client = require('./client');
 const { values: args, positionals } = parseArgs({
   allowPositionals: true,
   options: {
+    ...client.CONNECTION_OPTIONS,
     url: { type: 'string', default: '127.0.0.1:8001' },
     model: { type: 'string', default: 'bytes_decoder' },
     'max-tokens': { type: 'string', default: '64' },
@@ -67,7 +68,7 @@ function main() {
     process.exit(2);
   }
   const prompt = positionals[0];
-  const { inference, close } = client.connect(args.url);
+  const { inference, close } = client.connect(args.url, args);
   const call = inference.ModelStreamInfer(client.deadline(Number(args['timeout-s'])));
   let responses = 0;
   process.stdout.write(prompt);
