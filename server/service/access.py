@@ -74,8 +74,8 @@ class _Bucket:
     full_at: float = 0.0  # when it will have refilled completely: from then on it holds no information
 
 
-class RateLimiter:
-    """Per-principal token buckets (requests per second with a burst) and generation-stream counts.
+class RequestRates:
+    """Per-principal token buckets: requests per second with a burst (the authenticator takes one per call).
 
     Over the limit is refused at once (RateLimitedError, with when to retry), never queued. The
     state lives in this process: with --workers N each worker keeps its own buckets.
@@ -83,10 +83,9 @@ class RateLimiter:
 
     def __init__(self) -> None:
         self._buckets: dict[str, _Bucket] = {}
-        self._streams: dict[str, int] = {}
 
     def forget(self) -> None:
-        """Drops the buckets (after a config reload: the limits may have changed). Stream counts stay."""
+        """Drops the buckets (after a config reload: the limits may have changed)."""
         self._buckets.clear()
 
     def admit(self, principal: Principal) -> None:
@@ -120,6 +119,14 @@ class RateLimiter:
         for name, bucket in list(self._buckets.items()):
             if now >= bucket.full_at:
                 del self._buckets[name]
+
+
+class StreamSlots:
+    """Per-principal counts of running generation streams (the data plane holds one per generation), in
+    this process. Over max_streams is refused at once, never queued."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, int] = {}
 
     @contextlib.contextmanager
     def stream(self, principal: Principal | None) -> Iterator[None]:

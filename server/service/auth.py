@@ -28,7 +28,7 @@ import jwt
 
 from server.core.errors import PermissionDeniedError, UnauthenticatedError
 from server.logs import audit
-from server.service.access import Principal, RateLimiter
+from server.service.access import Principal, RequestRates
 from server.service.auth_config import ROLES, AuthConfig, AuthConfigError, JwtConfig, load_auth_config
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Authenticator:
         self._keys = _load(path)
         self._tokens: collections.OrderedDict[str, tuple[Principal, float]] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.limiter = RateLimiter()
+        self.rates = RequestRates()
 
     @property
     def config(self) -> AuthConfig:
@@ -123,7 +123,7 @@ class Authenticator:
         with self._lock:
             self._keys = keys
             self._tokens.clear()  # a removed key or a rotated JWKS must stop working now
-        self.limiter.forget()
+        self.rates.forget()
         logger.info("auth config reloaded from %s (%d API keys, JWT %s)", self.path, len(keys.digests),
                     "on" if keys.config.jwt is not None else "off")
         return True
@@ -149,7 +149,7 @@ class Authenticator:
         if role not in principal.roles:
             audit("permission_refused", principal.name, where=where, reason=f"lacks role {role}", peer=peer)
             raise PermissionDeniedError(f"principal '{principal.name}' does not have the '{role}' role")
-        self.limiter.admit(principal)
+        self.rates.admit(principal)
         return principal
 
     def authenticate(self, token: str) -> Principal:

@@ -130,7 +130,7 @@ class DataPlane:
         self._system = SystemGauges()
         self._inherited: list[Family] = []  # a dead predecessor's counters (attach_workers)
         # Concurrent generation streams per principal (--auth-config's max_streams).
-        self.limiter = access.RateLimiter()
+        self.streams = access.StreamSlots()
 
     def attach_workers(self, workers: WorkerPeers) -> None:
         """Makes statistics add up the siblings' and loads/unloads apply to every worker."""
@@ -236,7 +236,7 @@ class DataPlane:
         # A generation model answers with its whole text (Model.text_responses, unary).
         if _generation_model(model) is None:
             return await model.infer(request, deadline_s)
-        with self.limiter.stream(access.current_principal.get()):
+        with self.streams.stream(access.current_principal.get()):
             return await model.infer(request, deadline_s)
 
     async def infer_decoupled(
@@ -255,9 +255,8 @@ class DataPlane:
             response.parameters[FINAL_PARAMETER] = True
             yield response
             return
-        with self.limiter.stream(access.current_principal.get()):
-            async for text in generating.text_responses(request, deadline_s, decoupled=True):
-                yield text.to_infer_response()
+        async for text in self._one_stream(generating.text_responses(request, deadline_s, decoupled=True)):
+            yield text.to_infer_response()
 
     def generate_text(
         self, request: InferRequest, deadline_s: float | None = None, decoupled: bool = False
@@ -287,7 +286,7 @@ class DataPlane:
     async def _one_stream(self, source: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
         """`source`, holding one of the caller's generation streams while it runs (refused at the first item
         when the caller is at its max_streams)."""
-        with self.limiter.stream(access.current_principal.get()):
+        with self.streams.stream(access.current_principal.get()):
             async for item in source:
                 yield item
 
@@ -316,8 +315,7 @@ class DataPlane:
                     self._check_steps(inner, depth + 1)
 
     def _generation_model(self, name: str, version: str) -> Model:
-        access.check_model(name)
-        model = _generation_model(self.registry.get(name, version))
+        model = _generation_model(self._allowed(name, version))
         if model is None:
             raise InvalidInputError(f"model {quoted(name)} is not a text-generation model")
         return model
