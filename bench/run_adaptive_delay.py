@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_analyzer, start_echo, start_ortserve, stop  # noqa: E402
+from run_batching import bench_repository, perf_analyzer, start_echo, start_ortserve, stop  # noqa: E402
 
 MODELS = ("mlp", "mlp_delay1ms", "mlp_delay1ms_fixed")
 ECHO_PORT = 8101
@@ -34,10 +33,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
-    repo = OUT / "repo"
-    if not all((repo / m).exists() for m in MODELS):
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    repo = bench_repository(*MODELS)
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     server, port = start_ortserve(repo, args.workers)
     try:

@@ -33,7 +33,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_env, read_perf_csv  # noqa: E402
+from run_batching import OUT, ROOT, bench_repository, perf_env, read_perf_csv  # noqa: E402
 from run_metrics_overhead import Server, group_cpu_s, start_server, stop_server  # noqa: E402
 
 KEY = "bench-api-key-7c1d0e9a4b2f"
@@ -139,9 +139,7 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
-    repo = OUT / "repo"
-    if not (repo / MODEL).exists():
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    repo = bench_repository(MODEL)
     auth_file = OUT / "auth_bench.yaml"
     write_auth_config(auth_file)
     servers = {

@@ -26,6 +26,15 @@ OUT = BENCH / "out"
 PYTHON = sys.executable
 
 
+def bench_repository(*models: str) -> Path:
+    """bench/out/repo, written by bench/models.py first when any of `models` is missing from it."""
+    OUT.mkdir(exist_ok=True)
+    repo = OUT / "repo"
+    if not all((repo / m).exists() for m in models):
+        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    return repo
+
+
 def perf_env() -> dict[str, str]:
     env = dict(os.environ)
     tools = BENCH / "tools"
@@ -113,10 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2 s windows, concurrency 1 and 64 only")
     args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
-    repo = OUT / "repo"
-    if not all((repo / f"{m}{v}").exists() for m in ("mlp", "cnn") for v in ("", "_delay", "_nobatch")):
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    repo = bench_repository(*(f"{m}{v}" for m in ("mlp", "cnn") for v in ("", "_delay", "_nobatch")))
     interval = 2000 if args.quick else 4000
     levels = [1, 64] if args.quick else [1, 4, 16, 64]
     lines: list[str] = []

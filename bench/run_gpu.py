@@ -22,7 +22,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_analyzer  # noqa: E402
+from run_batching import ROOT, bench_repository, perf_analyzer  # noqa: E402
 from run_metrics_overhead import start_server, stop_server  # noqa: E402
 
 MODELS = ("mlp", "mlp_delay1ms", "cnn", "cnn_delay1ms")
@@ -40,10 +40,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
-    repo = OUT / "repo"
-    if not all((repo / m).exists() for m in MODELS):
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    repo = bench_repository(*MODELS)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()

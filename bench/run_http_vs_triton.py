@@ -43,27 +43,29 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def start_pytriton(model_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """bench/pytriton_server.py in its own process group; returns the process and its HTTP port."""
+def start_pytriton(model_dir: Path, max_queue_delay_us: int = 0) -> tuple[subprocess.Popen[bytes], int, int]:
+    """bench/pytriton_server.py in its own process group; returns the process, its HTTP port and its gRPC port."""
     if not PYTRITON_PYTHON.exists():
         raise SystemExit("no PyTriton venv: run bash bench/setup_pytriton.sh")
     http_port, grpc_port, metrics_port = free_ports(3)
-    ready = OUT / "pytriton_ready"
+    ready = OUT / f"pytriton_{model_dir.name}_ready"
     ready.unlink(missing_ok=True)
-    log = open(OUT / "pytriton.log", "wb")
+    log_path = OUT / f"pytriton_{model_dir.name}.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(
         [str(PYTRITON_PYTHON), str(BENCH / "pytriton_server.py"), "--model-dir", str(model_dir),
          "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-         "--ready-file", str(ready)],
+         "--ready-file", str(ready), "--max-queue-delay-us", str(max_queue_delay_us)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    log.close()
     deadline = time.monotonic() + 300
     while not (ready.exists() and ready.read_text().strip()):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_pytriton(process)
-            raise RuntimeError(f"PyTriton did not start; see {OUT / 'pytriton.log'}")
+            raise RuntimeError(f"PyTriton did not start; see {log_path}")
         time.sleep(0.2)
-    return process, http_port
+    return process, http_port, grpc_port
 
 
 def stop_pytriton(process: subprocess.Popen[bytes]) -> None:
@@ -98,7 +100,7 @@ def main() -> None:
     ortserve, grpc_port, http_port = start(repo, args.workers)
     triton = None
     try:
-        triton, triton_http_port = start_pytriton(repo / args.model)
+        triton, triton_http_port, _ = start_pytriton(repo / args.model)
         targets = [
             ("ortserve HTTP", "http", f"127.0.0.1:{http_port}"),
             ("ortserve gRPC", "grpc", f"127.0.0.1:{grpc_port}"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +27,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_batching import OUT, PYTHON, ROOT, perf_analyzer, start_echo, stop  # noqa: E402
-from run_http_vs_triton import PYTRITON_PYTHON, free_ports, stop_pytriton  # noqa: E402
+from run_batching import ROOT, bench_repository, perf_analyzer, start_echo, stop  # noqa: E402
+from run_http_vs_triton import start_pytriton, stop_pytriton  # noqa: E402
 from run_metrics_overhead import group_cpu_s, start_server, stop_server  # noqa: E402
 
 DELAY_US = 1000
@@ -47,30 +46,6 @@ class Target:
     stop: Callable[[], None]
 
 
-def start_pytriton_grpc(model_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """bench/pytriton_server.py with the 1 ms delay; returns the process and its gRPC port."""
-    if not PYTRITON_PYTHON.exists():
-        raise SystemExit("no PyTriton venv: run bash bench/setup_pytriton.sh")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    ready = OUT / f"pytriton_{model_dir.name}_ready"
-    ready.unlink(missing_ok=True)
-    log = open(OUT / f"pytriton_{model_dir.name}.log", "wb")
-    process = subprocess.Popen(
-        [str(PYTRITON_PYTHON), str(BENCH / "pytriton_server.py"), "--model-dir", str(model_dir),
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-         "--ready-file", str(ready), "--max-queue-delay-us", str(DELAY_US)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    log.close()
-    deadline = time.monotonic() + 300
-    while not (ready.exists() and ready.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_pytriton(process)
-            raise RuntimeError(f"PyTriton did not start; see {OUT / f'pytriton_{model_dir.name}.log'}")
-        time.sleep(0.2)
-    return process, grpc_port
-
-
 def start_targets(repo: Path, workers: int) -> list[Target]:
     targets: list[Target] = []
     try:
@@ -78,7 +53,7 @@ def start_targets(repo: Path, workers: int) -> list[Target]:
         targets.append(Target("echo (grpc.aio, 2 processes, uvloop)", ECHO_PORT, echo.pid, {"mlp": "mlp"},
                               lambda: stop(echo)))
         for model in ("mlp", "cnn"):
-            process, port = start_pytriton_grpc(repo / model)
+            process, _, port = start_pytriton(repo / model, DELAY_US)
             targets.append(Target(f"Triton (PyTriton 0.7) {model}", port, process.pid, {model: model},
                                   lambda p=process: stop_pytriton(p)))  # type: ignore[misc]
         server = start_server("vs_triton", ROOT, repo, workers, [])
@@ -108,10 +83,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
-    repo = OUT / "repo"
-    if not all((repo / m).exists() for m in ("mlp", "cnn", "mlp_delay1ms", "cnn_delay1ms")):
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(repo)], cwd=ROOT, check=True)
+    repo = bench_repository("mlp", "cnn", "mlp_delay1ms", "cnn_delay1ms")
     targets = start_targets(repo, args.workers)
     cases = [(t, m, c) for t in targets for m in t.models for c in ((1, 64) if m == "mlp" else (64,))]
     runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
