@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,31 @@ def load_model(
         )
     # Before any session is built: refused features and unbounded values cost nothing.
     model_config.check_supported(config, generation=(repository.model_dir(name) / GENERATION_FILE).is_file())
-    filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
+
+    def load(version: int, path: Path, version_config: mc.ModelConfig) -> Model:
+        return _load_version(
+            repository, name, version, path, version_config, device, default_max_batch_size, abandoned
+        )
+
+    return load_versions(repository, name, config, DEFAULT_MODEL_FILENAME, load, abandoned)
+
+
+def load_versions(
+    repository: ModelRepository,
+    name: str,
+    config: mc.ModelConfig,
+    default_filename: str,
+    load_one: Callable[[int, Path, mc.ModelConfig], Model],
+    abandoned: threading.Event | None = None,
+) -> list[Model]:
+    """Every version the config's policy selects, each built by `load_one(version, model file, its own config
+    copy)`; on any failure the versions already built are closed.
+
+    Raises:
+        ModelLoadError: a bad default_model_filename, or no version folder holds the file;
+            VersionLoadError for the version at fault; LoadAbandonedError when nobody waits any more.
+    """
+    filename = config.default_model_filename or default_filename
     if "/" in filename or "\\" in filename or filename in (".", ".."):
         raise ModelLoadError(f"default_model_filename must be a plain file name, got {filename!r}")
     available, refused = repository.scan_versions(name, filename)
@@ -116,10 +140,7 @@ def load_model(
             version_config = mc.ModelConfig()
             version_config.CopyFrom(config)
             try:
-                models.append(_load_version(
-                    repository, name, version, available[version] / filename, version_config, device,
-                    default_max_batch_size, abandoned,
-                ))
+                models.append(load_one(version, available[version] / filename, version_config))
             except LoadAbandonedError:
                 raise
             except ModelLoadError as exc:

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from server.core.batcher import HARD_QUEUE_LIMIT
 from server.core.errors import InvalidInputError, ModelLoadError
 from server.core.model import Model, ModelSignature
 from server.core.types import InferRequest, InferResponse
 from server.repository import config as model_config
-from server.repository.loader import select_versions, warm_up
-from server.repository.repository import LoadAbandonedError, ModelRepository, VersionLoadError
+from server.repository.loader import load_versions, warm_up
+from server.repository.repository import ModelRepository
 from server.runtime.tokenizer_runtime import PROVIDER, TEXT_INPUT, TokenizerRuntime
 from server.schema import model_config_pb2 as mc
 
@@ -82,44 +83,23 @@ def load_tokenizer_model(
             a config that contradicts the tokenizer's tensors; VersionLoadError for one version.
     """
     model_config.check_supported(config)
-    filename = config.default_model_filename or TOKENIZER_FILENAME
-    if "/" in filename or "\\" in filename or filename in (".", ".."):
-        raise ModelLoadError(f"default_model_filename must be a plain file name, got {filename!r}")
     max_length = _int_parameter(config, "max_length")
     pad_multiple = _int_parameter(config, "pad_to_multiple_of")
-    available, refused = repository.scan_versions(name, filename)
-    if not available and not refused:
-        raise ModelLoadError(f"no numbered version directory holds {filename}")
-    models: list[Model] = []
-    try:
-        for version in select_versions(config.version_policy, list(available) + list(refused)):
-            if version in refused:
-                raise VersionLoadError(version, refused[version])
-            if abandoned is not None and abandoned.is_set():
-                raise LoadAbandonedError("load abandoned")
-            served = mc.ModelConfig()
-            served.CopyFrom(config)
-            path = available[version] / filename
-            try:
-                instances = [
-                    TokenizerRuntime(path, max_length, pad_multiple) for _ in range(model_config.instance_count(served))
-                ]
-                first = instances[0]
-                model_config.complete_config(served, first.inputs, first.outputs, default_max_batch_size)
-                served.platform = ""  # complete_config names ONNX Runtime; this is the tokenizer backend
-                del served.instance_group[:]
-                served.instance_group.add(count=len(instances), kind=mc.ModelInstanceGroup.KIND_CPU)
-                served.parameters["execution_provider"].string_value = PROVIDER
-                inputs, outputs = model_config.tensor_specs(served)
-                signature = ModelSignature(inputs, outputs, served.max_batch_size)
-                warm_up(served, signature, instances, repository.model_dir(name))
-                scheduling = model_config.scheduler_config(served, HARD_QUEUE_LIMIT)
-            except ModelLoadError as exc:
-                raise VersionLoadError(version, str(exc)) from exc
-            models.append(TokenizerModel(name, version, TOKENIZER_BACKEND, signature, instances, scheduling, served))
-            logger.info("loaded tokenizer model '%s' version %d (max_length %d)", name, version, first.max_length)
-    except BaseException:
-        for model in models:
-            model.close()
-        raise
-    return models
+
+    def load(version: int, path: Path, served: mc.ModelConfig) -> Model:
+        count = model_config.instance_count(served)
+        instances = [TokenizerRuntime(path, max_length, pad_multiple) for _ in range(count)]
+        first = instances[0]
+        model_config.complete_config(served, first.inputs, first.outputs, default_max_batch_size)
+        served.platform = ""  # complete_config names ONNX Runtime; this is the tokenizer backend
+        del served.instance_group[:]
+        served.instance_group.add(count=len(instances), kind=mc.ModelInstanceGroup.KIND_CPU)
+        served.parameters["execution_provider"].string_value = PROVIDER
+        inputs, outputs = model_config.tensor_specs(served)
+        signature = ModelSignature(inputs, outputs, served.max_batch_size)
+        warm_up(served, signature, instances, repository.model_dir(name))
+        scheduling = model_config.scheduler_config(served, HARD_QUEUE_LIMIT)
+        logger.info("loaded tokenizer model '%s' version %d (max_length %d)", name, version, first.max_length)
+        return TokenizerModel(name, version, TOKENIZER_BACKEND, signature, instances, scheduling, served)
+
+    return load_versions(repository, name, config, TOKENIZER_FILENAME, load, abandoned)
