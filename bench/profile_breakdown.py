@@ -47,6 +47,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import run_batching  # noqa: E402
 import stack_classes  # noqa: E402
 from run_batching import OUT, PYTHON, ROOT, perf_env, stop  # noqa: E402
 
@@ -140,19 +141,8 @@ def profile_repo(intra_op_threads: int | None = None) -> Path:
 
 
 def start_ortserve(repo: Path, workers: int, port_file: Path) -> Server:
-    port_file.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [PYTHON, "-m", "server", "serve", "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-         "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--workers", str(workers),
-         "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 180
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("ortserve did not start")
-        time.sleep(0.1)
-    server = Server("ortserve", process, int(port_file.read_text()))
+    process, port = run_batching.start_ortserve(repo, workers, port_file)
+    server = Server("ortserve", process, port)
     server.pids = process_tree(process.pid)
     return server
 

@@ -83,8 +83,9 @@ def wait_port_file(path: Path, process: subprocess.Popen, timeout_s: float = 120
     raise RuntimeError("server did not start")
 
 
-def start_ortserve(repo: Path, workers: int) -> tuple[subprocess.Popen, int]:
-    port_file = OUT / "port"
+def start_ortserve(repo: Path, workers: int, port_file: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """ortserve on free ports (log level warning); returns the process and its gRPC port."""
+    port_file = port_file or OUT / "port"
     port_file.unlink(missing_ok=True)
     process = subprocess.Popen(
         [PYTHON, "-m", "server", "serve", "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
