@@ -9,10 +9,6 @@ PERMISSION_DENIED or RESOURCE_EXHAUSTED (with `retry-after` seconds and gRPC's o
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
-
 import grpc
 
 from server.core.errors import ServerError
@@ -45,57 +41,48 @@ def role_for(path: str) -> str:
     return ROLE_BY_METHOD.get(path, "infer")
 
 
-def _credential(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def _credential(metadata: Metadata) -> str | None:
+    for key, value in metadata:
         if key == AUTHORIZATION:
             return value if isinstance(value, str) else value.decode("latin-1")
     return None
 
 
-def _admit(authenticator: Authenticator, role: str, path: str, context: grpc.aio.ServicerContext) -> ServerError | None:
-    """Sets the call's principal, or returns why the call is refused (synchronous: no extra await per call)."""
-    peer = context.peer() or ""
-    if peer.startswith("unix:"):
-        return None
-    config = authenticator.config.open
-    if (role == HEALTH and config.health) or (role == REFLECTION and config.reflection):
-        return None
-    try:
+class MethodGate:
+    """Who may call one method: `refusal` per call, from the metadata the caller already read.
+
+    Runs inside registration's call wrapper (one coroutine per call for counting, the request id
+    and auth together), synchronously: no extra await, no second read of the metadata.
+    """
+
+    def __init__(self, authenticator: Authenticator, path: str) -> None:
+        self.authenticator = authenticator
+        self.path = path
+        self.role = role_for(path)
         # Closed health and reflection need the infer role, as on HTTP.
-        needed = "infer" if role in (HEALTH, REFLECTION) else role
-        principal = authenticator.admit(_credential(context), needed, path, peer)
-    except ServerError as exc:
-        return exc
-    access.current_principal.set(principal)
-    return None
+        self.needed = "infer" if self.role in (HEALTH, REFLECTION) else self.role
+
+    def refusal(self, metadata: Metadata, context: grpc.aio.ServicerContext) -> ServerError | None:
+        """Sets the call's principal, or returns why the call is refused."""
+        opened = self.authenticator.config.open  # read per call: SIGHUP may have changed it
+        if (self.role == HEALTH and opened.health) or (self.role == REFLECTION and opened.reflection):
+            return None
+        credential = _credential(metadata)
+        # Sibling workers call over the private Unix socket, without a credential: trusted there only.
+        if credential is None and (context.peer() or "").startswith("unix:"):
+            return None
+        try:
+            principal = self.authenticator.admit(credential, self.needed, self.path, context.peer)
+        except ServerError as exc:
+            return exc
+        access.current_principal.set(principal)
+        return None
 
 
-async def _refuse(context: grpc.aio.ServicerContext, exc: ServerError) -> None:
+async def refuse(context: grpc.aio.ServicerContext, exc: ServerError) -> None:
     """Ends the call with the refusal's status and the trailers that tell the client what to do."""
     code, message = status.status_for(exc)
     await context.abort(code, message, trailing_metadata=status.refusal_metadata(exc, context))
-
-
-def authorized(behaviour: Callable[..., Any], path: str, authenticator: Authenticator) -> Callable[..., Any]:
-    """`behaviour` run only for callers the auth config lets call `path` (their principal set for the call)."""
-    role = role_for(path)
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            refusal = _admit(authenticator, role, path, context)
-            if refusal is not None:
-                await _refuse(context, refusal)
-                return
-            async for item in behaviour(request, context):
-                yield item
-
-        return stream
-
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        refusal = _admit(authenticator, role, path, context)
-        if refusal is not None:
-            await _refuse(context, refusal)
-            return None
-        return await behaviour(request, context)
-
-    return call

@@ -20,9 +20,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from server.core.errors import ServerError
 from server.logs import access, new_request_id, request_id
 from server.rpc import status
-from server.rpc.auth import authorized
+from server.rpc.auth import Metadata, MethodGate, refuse
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
 from server.rpc.status import MalformedRequest
@@ -128,10 +129,9 @@ def add_service(
         if guarded:
             behaviour = status.guard(behaviour, method.client_streaming, method.server_streaming)
         path = f"/{service.full_name}/{method.name}"
-        if authenticator is not None:
-            behaviour = authorized(behaviour, path, authenticator)
-        if observer is not None:
-            behaviour = _observed(behaviour, path, observer)
+        gate = MethodGate(authenticator, path) if authenticator is not None else None
+        if observer is not None or gate is not None:
+            behaviour = _wrapped(behaviour, path, observer, gate)
         deserializer = _safe_deserializer(request_class)
         serializer = getattr(module, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:
@@ -157,13 +157,13 @@ class CallObserver:
     access_log: bool = False
 
 
-def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
+def _begin(request: Any, context: grpc.aio.ServicerContext, metadata: Metadata | None) -> str:
     """Sets the call's request id: the request's `id`, else the `x-request-id` metadata, else a new one
     (then sent back in the trailing metadata). Returns the model the call names, for the access log."""
     given = getattr(request, "id", "") or ""
     if not isinstance(given, str) or not given:
         given = ""
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata if metadata is not None else _metadata(context):
             if key == "x-request-id":
                 given = value if isinstance(value, str) else value.decode("latin-1")
                 break
@@ -180,6 +180,11 @@ def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _metadata(context: grpc.aio.ServicerContext) -> Metadata:
+    # grpc.aio converts the call's metadata to Python on every invocation_metadata(): read it once per call.
+    return tuple(context.invocation_metadata() or ())
+
+
 def _end(path: str, observer: CallObserver, context: grpc.aio.ServicerContext, outcome: str, model: str,
          started: float) -> None:
     code = context.code()
@@ -189,15 +194,33 @@ def _end(path: str, observer: CallObserver, context: grpc.aio.ServicerContext, o
         access("gRPC", path, model, name, started)
 
 
-def _observed(behaviour: Callable[..., Any], path: str, observer: CallObserver) -> Callable[..., Any]:
-    """`behaviour` observed (CallObserver) once per call, by its final status: the code it set or aborted
-    with, OK when it set none, CANCELLED when the call was cancelled, UNKNOWN for an escaped exception."""
+def _wrapped(
+    behaviour: Callable[..., Any], path: str, observer: CallObserver | None, gate: MethodGate | None
+) -> Callable[..., Any]:
+    """`behaviour` in one wrapper per call that does what the server asks of every call:
+
+    - observer: counted (CallObserver) by its final status: the code it set or aborted with, OK when it
+      set none, CANCELLED when the call was cancelled, UNKNOWN for an escaped exception; its request id set;
+    - gate: run only for callers the auth config allows (rpc/auth.py), refused otherwise; inside the
+      counting, so refusals are counted and logged too.
+
+    One wrapper rather than one each: a coroutine frame and a conversion of the metadata less per call.
+    """
+
+    def admitted(request: Any, context: grpc.aio.ServicerContext) -> tuple[str, ServerError | None]:
+        metadata = _metadata(context) if gate is not None else None
+        model = _begin(request, context, metadata) if observer is not None else ""
+        return model, (gate.refusal(metadata, context) if gate is not None and metadata is not None else None)
+
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started, outcome = time.perf_counter(), "UNKNOWN"
-            model = _begin(request, context)
+            started, outcome, model = time.perf_counter(), "UNKNOWN", ""
             try:
+                model, refusal = admitted(request, context)
+                if refusal is not None:
+                    await refuse(context, refusal)  # raises (grpc's abort)
+                    return
                 async for item in behaviour(request, context):
                     yield item
                 outcome = "OK"
@@ -205,14 +228,18 @@ def _observed(behaviour: Callable[..., Any], path: str, observer: CallObserver) 
                 outcome = "CANCELLED"
                 raise
             finally:
-                _end(path, observer, context, outcome, model, started)
+                if observer is not None:
+                    _end(path, observer, context, outcome, model, started)
 
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started, outcome = time.perf_counter(), "UNKNOWN"
-        model = _begin(request, context)
+        started, outcome, model = time.perf_counter(), "UNKNOWN", ""
         try:
+            model, refusal = admitted(request, context)
+            if refusal is not None:
+                await refuse(context, refusal)  # raises (grpc's abort)
+                return None
             result = await behaviour(request, context)
             outcome = "OK"
             return result
@@ -220,6 +247,7 @@ def _observed(behaviour: Callable[..., Any], path: str, observer: CallObserver) 
             outcome = "CANCELLED"
             raise
         finally:
-            _end(path, observer, context, outcome, model, started)
+            if observer is not None:
+                _end(path, observer, context, outcome, model, started)
 
     return call

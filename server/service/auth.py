@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,10 @@ def _bearer(authorization: str | None) -> str | None:
     return token or None
 
 
+def _text(peer: str | Callable[[], str]) -> str:
+    return peer if isinstance(peer, str) else peer()
+
+
 class Authenticator:
     """Checks credentials against the auth config; `reload` swaps in a new config (SIGHUP).
 
@@ -128,8 +133,13 @@ class Authenticator:
                     "on" if keys.config.jwt is not None else "off")
         return True
 
-    def admit(self, authorization: str | None, role: str, where: str, peer: str = "") -> Principal:
+    def admit(
+        self, authorization: str | None, role: str, where: str, peer: str | Callable[[], str] = ""
+    ) -> Principal:
         """The principal of a call that needs `role`, rate-limited; refusals are audited.
+
+        `peer` (the caller's address, for the audit line) may be a function, called only for a refusal:
+        finding it costs the gRPC front end a call into the C core on every request otherwise.
 
         Raises:
             UnauthenticatedError: no bearer credential, or one that is not valid.
@@ -139,15 +149,15 @@ class Authenticator:
         token = _bearer(authorization)
         if token is None:
             reason = "no credentials" if not authorization else "not a bearer credential"
-            audit("authentication_refused", "-", where=where, reason=reason, peer=peer)
+            audit("authentication_refused", "-", where=where, reason=reason, peer=_text(peer))
             raise UnauthenticatedError(f"{reason}: send 'authorization: Bearer <API key or access token>'")
         try:
             principal = self.authenticate(token)
         except UnauthenticatedError as exc:
-            audit("authentication_refused", "-", where=where, reason=str(exc), peer=peer)
+            audit("authentication_refused", "-", where=where, reason=str(exc), peer=_text(peer))
             raise
         if role not in principal.roles:
-            audit("permission_refused", principal.name, where=where, reason=f"lacks role {role}", peer=peer)
+            audit("permission_refused", principal.name, where=where, reason=f"lacks role {role}", peer=_text(peer))
             raise PermissionDeniedError(f"principal '{principal.name}' does not have the '{role}' role")
         self.rates.admit(principal)
         return principal
