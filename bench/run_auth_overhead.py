@@ -5,11 +5,9 @@ Serves bench/models.py's MLP with two ortserve servers, both up for the whole ru
 "on" (`--auth-config` with an API key, plus ten other keys so the constant-time comparison walks a
 realistic list). Each round measures both, interleaved (off on, then on off in the next round), with:
 
-- HTTP: perf_analyzer (`-i http`, its `-H 'Authorization: Bearer <key>'` header on the "on" server),
-  concurrency 64, batch 1 per request;
-- gRPC: perf_analyzer ignores `-H` on gRPC, so a lean grpc.aio client (64 calls in flight on one channel,
-  the same pre-built ModelInferRequest each time, `authorization` metadata on the "on" server) counts
-  completed calls for `--seconds`, after a second of warm-up.
+perf_analyzer over HTTP and over gRPC, concurrency 64, batch 1 per request, with `-H 'authorization:Bearer
+<key>'` on the "on" server: an HTTP header, and on gRPC call metadata (perf_analyzer sends -H as metadata
+when the name is lower case, as gRPC requires; "Authorization" makes its gRPC client abort).
 
 Prints each round, the medians, and the median of the per-round on/off ratios of throughput and of the
 servers' CPU per inference (the steadier figure on a shared machine). Needs bench/setup_perf_analyzer.sh.
@@ -18,17 +16,12 @@ servers' CPU per inference (the steadier figure on a shared machine). Needs benc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import grpc
-import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -49,51 +42,20 @@ def write_auth_config(path: Path) -> None:
     path.write_text(json.dumps({"api_keys": keys}))
 
 
-def perf_http(port: int, concurrency: int, interval_ms: int, key: str | None, label: str) -> dict[str, float]:
-    csv_path = OUT / f"pa_auth_{label}.csv"
+def perf(protocol: str, port: int, concurrency: int, interval_ms: int, key: str | None, label: str) -> dict[str, float]:
+    """perf_analyzer over `protocol`; on the "on" server with the key in a header (HTTP) or metadata (gRPC)."""
+    csv_path = OUT / f"pa_auth_{protocol}_{label}.csv"
     csv_path.unlink(missing_ok=True)
     command = [
-        str(BENCH / "tools" / "perf_analyzer"), "-m", MODEL, "-i", "http", "-u", f"127.0.0.1:{port}",
+        str(BENCH / "tools" / "perf_analyzer"), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
         "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
         "--max-trials", "10", "-s", "30", "-f", str(csv_path),
     ]
     if key is not None:
-        command += ["-H", f"Authorization:Bearer {key}"]
+        # gRPC metadata keys must be lower case (the C core refuses "Authorization"); HTTP accepts either.
+        command += ["-H", f"authorization:Bearer {key}"]
     result = subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=600)
     return read_perf_csv(csv_path, result)
-
-
-async def _grpc_load(port: int, concurrency: int, seconds: float, key: str | None) -> dict[str, float]:
-    from tritonclient.grpc import service_pb2
-
-    request = service_pb2.ModelInferRequest(model_name=MODEL)
-    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 256])
-    request.raw_input_contents.append(np.random.default_rng(0).random((1, 256), np.float32).tobytes())
-    payload = request.SerializeToString()
-    metadata = (("authorization", f"Bearer {key}"),) if key is not None else None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                   request_serializer=None, response_deserializer=None)
-        latencies: list[float] = []
-        counting = False
-        stop_at = time.monotonic() + 1.0 + seconds
-
-        async def worker() -> None:
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                await call(payload, metadata=metadata)
-                if counting:
-                    latencies.append(time.perf_counter() - started)
-
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(1.0)
-        counting = True
-        began = time.monotonic()
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - began
-    latencies.sort()
-    return {"rate": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000,
-            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
 
 
 def inference_count(server: Server) -> int:
@@ -155,12 +117,11 @@ def main() -> None:
                 order = list(servers.items()) if round_index % 2 == 0 else list(reversed(servers.items()))
                 for label, server in order:
                     key = KEY if label == "on" else None
-                    if protocol == "http":
-                        def run(server: Server = server, key: str | None = key, label: str = label) -> dict[str, float]:
-                            return perf_http(server.http_port, args.concurrency, int(args.seconds * 1000), key, label)
-                    else:
-                        def run(server: Server = server, key: str | None = key, label: str = label) -> dict[str, float]:
-                            return asyncio.run(_grpc_load(server.grpc_port, args.concurrency, args.seconds, key))
+                    port = server.http_port if protocol == "http" else server.grpc_port
+
+                    def run(protocol: str = protocol, port: int = port, key: str | None = key,
+                            label: str = label) -> dict[str, float]:
+                        return perf(protocol, port, args.concurrency, int(args.seconds * 1000), key, label)
                     result = measured(server, run)
                     runs.setdefault((protocol, label), []).append(result)
                     print(f"round {round_index + 1} {protocol} auth {label}: {result['rate']:.0f} infer/s, "
