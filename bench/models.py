@@ -2,10 +2,12 @@
 
 - mlp: FP32 [B, 256] -> 1024 -> 1024 -> 10
 - cnn: FP32 [B, 3, 32, 32] -> conv 16 -> pool -> conv 32 -> pool -> 10
-Each is written five times (same graph, same max_batch_size): `<name>` with dynamic batching,
+Each is written six times (same graph, same max_batch_size): `<name>` with dynamic batching,
 `<name>_delay` with dynamic batching and a 2 ms max_queue_delay_microseconds, `<name>_nobatch`
 without batching (one request per run), and for the adaptive queue delay (issue 15) `<name>_delay1ms`
-(1 ms, adaptive: the default) and `<name>_delay1ms_fixed` (1 ms always waited out, as Triton does).
+(1 ms, adaptive: the default) and `<name>_delay1ms_fixed` (1 ms always waited out, as Triton does), and for
+the GPU path `<name>_delay1ms_graphs` (1 ms adaptive, `optimization { cuda { graphs: true } }`: one CUDA graph per
+batch-size bucket on a GPU, the same as `_delay1ms` on the CPU).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def build(out: Path) -> None:
             ("_delay1ms", "dynamic_batching { max_queue_delay_microseconds: 1000 }"),
             ("_delay1ms_fixed", "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
              'parameters { key: "adaptive_queue_delay" value: { string_value: "false" } }'),
+            ("_delay1ms_graphs", "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+             "optimization { cuda { graphs: true } }"),
         )
         for suffix, extra in variants:
             spec = ExportSpec(["INPUT"], ["OUTPUT"], max_batch_size=MAX_BATCH_SIZE, atol=1e-4, extra_config=extra)

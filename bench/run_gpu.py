@@ -6,8 +6,10 @@ For a machine with an NVIDIA GPU where `bash scripts/setup.sh` and `bash bench/s
 missing (that needs torch; build it elsewhere and copy bench/out/repo over otherwise), prints `nvidia-smi`'s GPU
 line, then serves the repository twice, `--device cuda` and `--device cpu`, and measures with perf_analyzer over
 gRPC, batch 1 per request: `mlp` and `cnn` (no queue delay) and `mlp_delay1ms`/`cnn_delay1ms` (1 ms, adaptive)
-at concurrency 1 and 64. It refuses to report CUDA figures unless the server's ModelConfig says the model runs on
-CUDAExecutionProvider (a silent CPU fallback would otherwise pass for GPU numbers). Prints one markdown table.
+at concurrency 1 and 64, and on CUDA also `*_delay1ms_graphs` (the same with one CUDA graph per batch-size bucket,
+server/runtime/device_io.py; every CUDA run uses I/O binding with pinned staging). It refuses to report CUDA
+figures unless the server's ModelConfig says the model runs on CUDAExecutionProvider (a silent CPU fallback
+would otherwise pass for GPU numbers). Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from run_batching import ROOT, bench_repository, perf_analyzer  # noqa: E402
 from run_metrics_overhead import start_server, stop_server  # noqa: E402
 
 MODELS = ("mlp", "mlp_delay1ms", "cnn", "cnn_delay1ms")
+GRAPH_MODELS = ("mlp_delay1ms_graphs", "cnn_delay1ms_graphs")  # CUDA graphs: measured on the GPU only
 
 
 def provider(http_port: int, model: str) -> str:
@@ -40,7 +43,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    repo = bench_repository(*MODELS)
+    repo = bench_repository(*MODELS, *GRAPH_MODELS)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
@@ -51,10 +54,11 @@ def main() -> None:
     for device in ("cuda", "cpu"):
         server = start_server(f"gpu_{device}", ROOT, repo, args.workers, ["--device", device])
         try:
-            used = {m: provider(server.http_port, m) for m in MODELS}
+            models = MODELS + GRAPH_MODELS if device == "cuda" else MODELS
+            used = {m: provider(server.http_port, m) for m in models}
             if device == "cuda" and any(p != "CUDAExecutionProvider" for p in used.values()):
                 raise SystemExit(f"--device cuda did not put every model on CUDA: {used}")
-            for model in MODELS:
+            for model in models:
                 for concurrency in (1, 64):
                     r = perf_analyzer(model, server.grpc_port, concurrency, args.interval_ms, f"pa_gpu_{device}.csv")
                     rows.append(f"| {device} ({used[model]}) | {model} | {concurrency} | {r['rate']:,.0f} | "

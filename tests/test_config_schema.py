@@ -70,7 +70,6 @@ REFUSED = [
      "batch_output"),
     ("model_repository_agents { agents [ { name: \"checksum\" parameters { key: \"k\" value: \"v\" } } ] }",
      "model_repository_agents"),
-    ("optimization { cuda { graphs: true } }", "optimization.cuda.graphs"),
     ("optimization { cuda { busy_wait_events: true } }", "optimization.cuda.busy_wait_events"),
     ("optimization { cuda { output_copy_stream: true } }", "optimization.cuda.output_copy_stream"),
     ("optimization { cuda { graph_spec [ { batch_size: 1 input { key: \"x\" value { dim: [ 4 ] } } } ] } }",

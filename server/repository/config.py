@@ -222,6 +222,7 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
         if gpus:
             options.provider_options[ort_runtime.CUDA] = {"device_id": str(gpus[0])}
         options.providers = providers + [ort_runtime.CPU]
+    options.cuda_graphs, options.max_batch_size = config.optimization.cuda.graphs, config.max_batch_size
     params = {k: v.string_value for k, v in config.parameters.items()}
     try:
         if "intra_op_thread_count" in params:
@@ -358,7 +359,7 @@ def _unsupported_fields(config: mc.ModelConfig, generation: bool) -> list[str]:
     if optimization.priority != mc.ModelOptimizationPolicy.PRIORITY_DEFAULT:
         found.append("optimization.priority")
     cuda = optimization.cuda
-    for flag in ("graphs", "busy_wait_events", "output_copy_stream"):
+    for flag in ("busy_wait_events", "output_copy_stream"):  # graphs: runtime/device_io.py
         if getattr(cuda, flag):
             found.append(f"optimization.cuda.{flag}")
     if cuda.graph_spec:

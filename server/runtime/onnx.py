@@ -13,6 +13,7 @@ import onnxruntime as ort
 from server.core import datatypes
 from server.core.errors import InvalidInputError, ModelLoadError, first_line
 from server.runtime.base import GraphTensor, Runtime
+from server.runtime.device_io import BindingPlan, BoundRunner, bindable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class SessionOptions:
         allow_spinning: Let idle intra-op threads spin-wait for work. Off by default: in
             a server the spinning threads take the cores that gRPC and the event loop need.
         provider_options: Per-provider options, keyed by provider name.
+        io_binding: "auto" (I/O binding with pinned staging when CUDA runs the session: device_io.py),
+            "on" (also on the CPU provider: how the tests reach that path) or "off".
+        cuda_graphs: One captured CUDA graph per batch-size bucket (the config's optimization.cuda.graphs);
+            only with I/O binding, ignored on the CPU unless io_binding is "on".
+        max_batch_size: The model's max_batch_size, for the graph buckets.
     """
 
     providers: list[str] = field(default_factory=lambda: [CPU])
@@ -59,6 +65,9 @@ class SessionOptions:
     allow_spinning: bool = False
     arena_shrink_above_bytes: int = 8 << 20
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    io_binding: str = "auto"
+    cuda_graphs: bool = False
+    max_batch_size: int = 0
 
 
 def available_providers() -> list[str]:
@@ -103,7 +112,11 @@ class OnnxRuntimeSession(Runtime):
         # A model given as bytes has no path; tell ORT where its external data lives.
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
         requested = [p for p in options.providers if p != CPU] + [CPU]
-        provider_options = [options.provider_options.get(p, {}) for p in requested]
+        provider_options = [dict(options.provider_options.get(p, {})) for p in requested]
+        if options.cuda_graphs and CUDA in requested:
+            provider_options[requested.index(CUDA)]["enable_cuda_graph"] = "1"
+        if options.cuda_graphs and TENSORRT in requested:
+            provider_options[requested.index(TENSORRT)]["trt_cuda_graph_enable"] = "1"
         try:
             self._session = ort.InferenceSession(
                 model_bytes, sess_options=so, providers=requested, provider_options=provider_options
@@ -127,6 +140,24 @@ class OnnxRuntimeSession(Runtime):
         self._shrink_above = options.arena_shrink_above_bytes if options.enable_mem_arena else 0
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._bound = self._binding(options)
+
+    def _binding(self, options: SessionOptions) -> BoundRunner | None:
+        """The I/O-binding runner when this session uses one (CUDA, or asked for), else None."""
+        on_cuda = self._providers[0] in (CUDA, TENSORRT)
+        if options.io_binding == "off" or (options.io_binding == "auto" and not on_cuda):
+            if options.cuda_graphs:
+                logger.info("optimization.cuda.graphs: not running on CUDA, so no graphs")
+            return None
+        if not bindable([*self._inputs, *self._outputs]):
+            logger.info("string tensors: this model runs without I/O binding")
+            return None
+        device_id = int(options.provider_options.get(CUDA, {}).get("device_id", "0")) if on_cuda else 0
+        plan = BindingPlan("cuda" if on_cuda else "cpu", device_id, options.cuda_graphs, options.max_batch_size)
+        runner = BoundRunner(self._session, self._inputs, self._outputs, plan)
+        logger.info("I/O binding on %s (graphs %s, pinned staging %s)", plan.device,
+                    "on" if plan.graphs else "off", "on" if runner.pinned else "off")
+        return runner
 
     @property
     def inputs(self) -> Sequence[GraphTensor]:
@@ -141,6 +172,8 @@ class OnnxRuntimeSession(Runtime):
         return self._providers
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        if self._bound is not None:
+            return self._bound.run(inputs, output_names)
         # Most models have no string tensors: skip the per-tensor conversions then (this runs
         # once per decode step of a generation model, where tens of microseconds show).
         feed = inputs
@@ -154,6 +187,9 @@ class OnnxRuntimeSession(Runtime):
         return results
 
     def close(self) -> None:
+        if self._bound is not None:
+            self._bound.close()
+            self._bound = None
         del self._session
 
 
