@@ -248,6 +248,32 @@ class BoundRunner:
         self._staging.close()
 
 
+def disagreement(
+    session: ort.InferenceSession, runner: BoundRunner, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]
+) -> str | None:
+    """Why `runner` cannot be trusted with this model, or None: one probe batch (zeros, 1 for every dynamic
+    dimension) through the bound path and through a plain run must give the same outputs.
+
+    The binding path is the default on a GPU; a model or driver it does not suit then keeps running, the
+    plain way, with a warning, instead of failing or answering differently. A model the plain run refuses
+    the probe for (zeros it cannot take) cannot be checked, so it runs the plain way too.
+    """
+    feed = {t.name: np.zeros([d if d >= 0 else 1 for d in t.shape], _numpy_type(t)) for t in inputs}
+    names = [t.name for t in outputs]
+    try:
+        expected = session.run(names, feed)
+    except Exception as exc:  # ORT's own exception types
+        return f"the probe batch does not run ({str(exc).splitlines()[0][:200]})"
+    try:
+        got = runner.run(feed, names)
+    except Exception as exc:
+        return f"the bound run failed ({str(exc).splitlines()[0][:200]})"
+    for name, want, have in zip(names, expected, got, strict=True):
+        if want.shape != have.shape or not np.allclose(want, have, rtol=1e-3, atol=1e-5, equal_nan=True):
+            return f"output '{name}' differs from a plain run"
+    return None
+
+
 def _numpy_type(tensor: GraphTensor) -> np.dtype:
     """The numpy type of a graph tensor (binding covers numeric and boolean tensors, not strings)."""
     dtype = datatypes.BY_ONNX_NAME.get(tensor.type_name)

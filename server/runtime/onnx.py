@@ -13,7 +13,7 @@ import onnxruntime as ort
 from server.core import datatypes
 from server.core.errors import InvalidInputError, ModelLoadError, first_line
 from server.runtime.base import GraphTensor, Runtime
-from server.runtime.device_io import BindingPlan, BoundRunner, bindable
+from server.runtime.device_io import BindingPlan, BoundRunner, bindable, disagreement
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,13 @@ class OnnxRuntimeSession(Runtime):
         device_id = int(options.provider_options.get(CUDA, {}).get("device_id", "0")) if on_cuda else 0
         plan = BindingPlan("cuda" if on_cuda else "cpu", device_id, options.cuda_graphs, options.max_batch_size)
         runner = BoundRunner(self._session, self._inputs, self._outputs, plan)
+        # Graphs are asked for by the config and fail the load when they cannot be captured; plain binding is
+        # the default on a GPU, so it is checked against a plain run first and dropped (warned) if it differs.
+        reason = None if plan.graphs else disagreement(self._session, runner, self._inputs, self._outputs)
+        if reason is not None:
+            logger.warning("I/O binding not used for this model, it runs without: %s", reason)
+            runner.close()
+            return None
         logger.info("I/O binding on %s (graphs %s, pinned staging %s)", plan.device,
                     "on" if plan.graphs else "off", "on" if runner.pinned else "off")
         return runner

@@ -14,7 +14,7 @@ from server.core.errors import InvalidInputError, ModelLoadError
 from server.repository.config import session_options
 from server.repository.repository import parse_config
 from server.runtime import onnx as ort_runtime
-from server.runtime.device_io import PinnedStaging, bucket_for, buckets
+from server.runtime.device_io import BoundRunner, PinnedStaging, bucket_for, buckets
 
 FEATURES = 6
 
@@ -138,3 +138,48 @@ def test_config_graphs_reach_the_session_options() -> None:
     options = session_options(config, "cpu")
     assert options.cuda_graphs is True and options.max_batch_size == 16
     assert options.io_binding == "auto"  # so on the CPU a model with graphs runs as before
+
+
+def test_a_binding_that_disagrees_with_a_plain_run_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The load-time probe: a bound path that fails, or answers differently, is not used; the model serves."""
+    model = _model()
+    plain = _session(tmp_path, model, io_binding="off")
+    feed, names = _batch(3, 5), ["Y", "C", "M"]
+    want = plain.run(feed, names)
+
+    def wrong(self: BoundRunner, inputs: object, output_names: list[str]) -> list[np.ndarray]:
+        return [np.ones_like(w) for w in plain.run(_batch(1, 0), output_names)]
+
+    def broken(self: BoundRunner, inputs: object, output_names: list[str]) -> list[np.ndarray]:
+        raise RuntimeError("device says no")
+
+    for replacement, reason in ((wrong, "output 'Y' differs from a plain run"), (broken, "device says no")):
+        with monkeypatch.context() as patch:
+            patch.setattr(BoundRunner, "run", replacement)
+            caplog.clear()
+            session = _session(tmp_path, model, io_binding="on")
+        assert session._bound is None
+        assert reason in caplog.text and "I/O binding not used" in caplog.text
+        for got, expected in zip(session.run(feed, names), want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_a_model_the_probe_cannot_run_keeps_plain_runs(tmp_path: Path) -> None:
+    """Zeros make this model fail (Gather at index 0 - 10, out of bounds), so the binding cannot be checked
+    and is not used; real requests still run."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["I", "Offset"], ["J"]), helper.make_node("Gather", ["Table", "J"], ["Y"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("I", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N"])],
+        initializer=[numpy_helper.from_array(np.arange(3, dtype=np.float32), "Table"),
+                     numpy_helper.from_array(np.array(-10, np.int64), "Offset")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = _session(tmp_path, model.SerializeToString(), io_binding="on")
+    assert session._bound is None
+    out = session.run({"I": np.array([10, 11, 12], np.int64)}, ["Y"])[0]
+    np.testing.assert_array_equal(out, [0.0, 1.0, 2.0])
