@@ -31,22 +31,13 @@ class FakeRuntime(Runtime):
         self._open = threading.Event()
         if not held:
             self._open.set()
+        self.inputs = [GraphTensor("x", "FP32", "tensor(float)", (-1, -1))]
+        self.outputs = [GraphTensor("y", "FP32", "tensor(float)", (-1, -1))]
+        self.providers = ["FakeExecutionProvider"]
 
     def release(self) -> None:
         """Lets every waiting and future run through."""
         self._open.set()
-
-    @property
-    def inputs(self) -> Sequence[GraphTensor]:
-        return [GraphTensor("x", "FP32", "tensor(float)", (-1, -1))]
-
-    @property
-    def outputs(self) -> Sequence[GraphTensor]:
-        return [GraphTensor("y", "FP32", "tensor(float)", (-1, -1))]
-
-    @property
-    def providers(self) -> Sequence[str]:
-        return ["FakeExecutionProvider"]
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         x = np.array(inputs["x"])

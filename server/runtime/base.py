@@ -27,22 +27,19 @@ class GraphTensor:
 
 
 class Runtime(ABC):
-    """One loaded copy of a model (one model instance) that can run a batch."""
+    """One loaded copy of a model (one model instance) that can run a batch.
 
-    @property
-    @abstractmethod
-    def inputs(self) -> Sequence[GraphTensor]:
-        """The graph's inputs."""
+    Each implementation sets the three attributes when it is created; they do not change afterwards.
 
-    @property
-    @abstractmethod
-    def outputs(self) -> Sequence[GraphTensor]:
-        """The graph's outputs."""
+    Attributes:
+        inputs: The graph's inputs.
+        outputs: The graph's outputs.
+        providers: The execution providers actually in use, best first.
+    """
 
-    @property
-    @abstractmethod
-    def providers(self) -> Sequence[str]:
-        """The execution providers actually in use, best first."""
+    inputs: Sequence[GraphTensor]
+    outputs: Sequence[GraphTensor]
+    providers: Sequence[str]
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from server.core.errors import ModelLoadError
-from server.runtime.base import GraphTensor, Runtime
+from server.runtime.base import Runtime
 
 ENABLE_ENV = "ORTSERVE_TEST_GATES"
 GATE_PARAMETER = "test_gate_dir"
@@ -71,20 +71,9 @@ class GatedRuntime(Runtime):
 
     def __init__(self, inner: Runtime, directory: Path) -> None:
         self.inner = inner
+        self.inputs, self.outputs, self.providers = inner.inputs, inner.outputs, inner.providers
         self.directory = directory
         self._closed = threading.Event()
-
-    @property
-    def inputs(self) -> Sequence[GraphTensor]:
-        return self.inner.inputs
-
-    @property
-    def outputs(self) -> Sequence[GraphTensor]:
-        return self.inner.outputs
-
-    @property
-    def providers(self) -> Sequence[str]:
-        return self.inner.providers
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         run_id = f"{os.getpid()}.{_Counter.next(self.directory)}"

@@ -123,20 +123,20 @@ class OnnxRuntimeSession(Runtime):
             )
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             raise ModelLoadError(f"ONNX Runtime could not create a session: {first_line(exc)}") from exc
-        self._providers = list(self._session.get_providers())
-        missing = [p for p in requested if p not in self._providers]
+        self.providers = list(self._session.get_providers())
+        missing = [p for p in requested if p not in self.providers]
         if missing:
             log = logger.info if options.quiet_fallback else logger.warning
             log(
                 "execution provider(s) %s requested but not usable here (no device, or its libraries "
                 "are missing); running on %s",
                 ", ".join(missing),
-                ", ".join(self._providers),
+                ", ".join(self.providers),
             )
-        self._inputs = [_graph_tensor(a) for a in self._session.get_inputs()]
-        self._outputs = [_graph_tensor(a) for a in self._session.get_outputs()]
-        self._string_inputs = {t.name for t in self._inputs if t.datatype == "BYTES"}
-        self._string_outputs = any(t.datatype == "BYTES" for t in self._outputs)
+        self.inputs = [_graph_tensor(a) for a in self._session.get_inputs()]
+        self.outputs = [_graph_tensor(a) for a in self._session.get_outputs()]
+        self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
+        self._string_outputs = any(t.datatype == "BYTES" for t in self.outputs)
         self._shrink_above = options.arena_shrink_above_bytes if options.enable_mem_arena else 0
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -144,20 +144,20 @@ class OnnxRuntimeSession(Runtime):
 
     def _binding(self, options: SessionOptions) -> BoundRunner | None:
         """The I/O-binding runner when this session uses one (CUDA, or asked for), else None."""
-        on_cuda = self._providers[0] in (CUDA, TENSORRT)
+        on_cuda = self.providers[0] in (CUDA, TENSORRT)
         if options.io_binding == "off" or (options.io_binding == "auto" and not on_cuda):
             if options.cuda_graphs:
                 logger.info("optimization.cuda.graphs: not running on CUDA, so no graphs")
             return None
-        if not bindable([*self._inputs, *self._outputs]):
+        if not bindable([*self.inputs, *self.outputs]):
             logger.info("string tensors: this model runs without I/O binding")
             return None
         device_id = int(options.provider_options.get(CUDA, {}).get("device_id", "0")) if on_cuda else 0
         plan = BindingPlan("cuda" if on_cuda else "cpu", device_id, options.cuda_graphs, options.max_batch_size)
-        runner = BoundRunner(self._session, self._inputs, self._outputs, plan)
+        runner = BoundRunner(self._session, self.inputs, self.outputs, plan)
         # Graphs are asked for by the config and fail the load when they cannot be captured; plain binding is
         # the default on a GPU, so it is checked against a plain run first and dropped (warned) if it differs.
-        reason = None if plan.graphs else disagreement(self._session, runner, self._inputs, self._outputs)
+        reason = None if plan.graphs else disagreement(self._session, runner, self.inputs, self.outputs)
         if reason is not None:
             logger.warning("I/O binding not used for this model, it runs without: %s", reason)
             runner.close()
@@ -165,18 +165,6 @@ class OnnxRuntimeSession(Runtime):
         logger.info("I/O binding on %s (graphs %s, pinned staging %s)", plan.device,
                     "on" if plan.graphs else "off", "on" if runner.pinned else "off")
         return runner
-
-    @property
-    def inputs(self) -> Sequence[GraphTensor]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[GraphTensor]:
-        return self._outputs
-
-    @property
-    def providers(self) -> Sequence[str]:
-        return self._providers
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         if self._bound is not None:

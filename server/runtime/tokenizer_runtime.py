@@ -69,20 +69,9 @@ class TokenizerRuntime(Runtime):
             pad_to_multiple_of=pad_to_multiple_of or None,
         )
         tokens = [GraphTensor(n, "INT64", "int64", (-1, -1)) for n in (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)]
-        self._inputs = [GraphTensor(TEXT_INPUT, "BYTES", "string", (-1, 1))]
-        self._outputs = [*tokens, GraphTensor(TOKEN_COUNT, "INT64", "int64", (-1, 1))]
-
-    @property
-    def inputs(self) -> Sequence[GraphTensor]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[GraphTensor]:
-        return self._outputs
-
-    @property
-    def providers(self) -> Sequence[str]:
-        return (PROVIDER,)
+        self.inputs = [GraphTensor(TEXT_INPUT, "BYTES", "string", (-1, 1))]
+        self.outputs = [*tokens, GraphTensor(TOKEN_COUNT, "INT64", "int64", (-1, 1))]
+        self.providers = (PROVIDER,)
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         texts = _texts(inputs[TEXT_INPUT])

@@ -220,22 +220,11 @@ class GatedRuntime(Runtime):
 
     def __init__(self, inner: Runtime) -> None:
         self.inner = inner
+        self.inputs, self.outputs, self.providers = inner.inputs, inner.outputs, inner.providers
         self.permits = threading.Semaphore(0)
         self.batch_sizes: list[int] = []
         self.entered = 0  # runs that reached the gate, including one waiting for its permit
         self.on_run: Any = None  # called on the model thread as each run passes the gate
-
-    @property
-    def inputs(self):  # type: ignore[override]
-        return self.inner.inputs
-
-    @property
-    def outputs(self):  # type: ignore[override]
-        return self.inner.outputs
-
-    @property
-    def providers(self):  # type: ignore[override]
-        return self.inner.providers
 
     def run(self, inputs, output_names):  # type: ignore[override]
         self.entered += 1
