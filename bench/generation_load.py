@@ -45,16 +45,23 @@ from server.rpc.pb import text_generation_pb2_grpc as gen_grpc  # noqa: E402
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "if __name__ == ", "for i in range(", "# ", "with open("]
 
 
-async def one_stream(stub: gen_grpc.TextGenerationStub, index: int, max_tokens: int) -> dict[str, object]:
+async def one_stream(
+    stub: gen_grpc.TextGenerationStub, index: int, max_tokens: int, model: str = "bytes_decoder",
+    prompts: list[str] = PROMPTS,
+) -> dict[str, object]:
+    """One sampled stream over the typed API: its timings, the token ids it got and its prompt."""
     request = gen_pb.GenerateRequest(
-        model="bytes_decoder", prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens,
+        model=model, prompt=prompts[index % len(prompts)], max_tokens=max_tokens,
         temperature=0.8, top_k=40, seed=index, ignore_eos=True,
     )
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
+    ids: list[int] = []
     async for response in stub.Generate(request, timeout=600):
         arrivals.append((time.perf_counter(), len(response.token_ids)))
-    return _timings(start, arrivals, time.perf_counter(), sum(t for _, t in arrivals))
+        ids.extend(response.token_ids)
+    timings = _timings(start, arrivals, time.perf_counter(), len(ids))
+    return {**timings, "ids": ids, "prompt": request.prompt}
 
 
 def _timings(start: float, arrivals: list[tuple[float, int]], end: float, tokens: int) -> dict[str, object]:

@@ -31,8 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.rpc.pb import text_generation_pb2 as gen_pb  # noqa: E402
 from server.rpc.pb import text_generation_pb2_grpc as gen_grpc  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import generation_load  # noqa: E402
 
 PROMPTS = [
     "def ", "import os\n", "class Node:", "    return ", "if __name__ == ", "for i in range(", "# ", "with open(",
@@ -40,20 +42,7 @@ PROMPTS = [
 
 
 async def one_stream(stub: gen_grpc.TextGenerationStub, index: int, max_tokens: int) -> dict[str, object]:
-    request = gen_pb.GenerateRequest(
-        model="llama", prompt=PROMPTS[index % len(PROMPTS)], max_tokens=max_tokens,
-        temperature=0.8, top_k=40, seed=index, ignore_eos=True,
-    )
-    start = time.perf_counter()
-    arrivals: list[tuple[float, int]] = []
-    ids: list[int] = []
-    async for response in stub.Generate(request, timeout=600):
-        arrivals.append((time.perf_counter(), len(response.token_ids)))
-        ids.extend(response.token_ids)
-    gaps = []
-    for (previous, _), (now, count) in zip(arrivals[:-1], arrivals[1:], strict=True):
-        gaps += [(now - previous) / max(count, 1)] * max(count, 1)
-    return {"ttft": arrivals[0][0] - start, "gaps": gaps, "ids": ids, "prompt": request.prompt}
+    return await generation_load.one_stream(stub, index, max_tokens, model="llama", prompts=PROMPTS)
 
 
 async def level(address: str, streams: int, max_tokens: int) -> dict[str, object]:
