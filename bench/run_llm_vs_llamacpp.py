@@ -70,6 +70,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run_batching import stop as stop_process  # noqa: E402
 
 TOOLS = ROOT / "bench" / "tools"
 LLAMA_SERVER = TOOLS / "llamacpp-build" / "bin" / "llama-server"
@@ -134,12 +137,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
 
 
 def make_servers(names: list[str], repo: Path, gguf: Path, hf_dir: Path, work: Path, slots: int,

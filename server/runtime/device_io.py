@@ -79,28 +79,35 @@ class PinnedStaging:
     """
 
     def __init__(self, pinned: bool) -> None:
-        self._cudart = _cudart() if pinned else None
+        self._cudart = _cudart() if pinned else None  # kept to free what it allocated
+        self._pinning = self._cudart is not None
         self._buffers: dict[str, tuple[np.ndarray, int]] = {}  # name -> (bytes, pointer or 0)
-        self.pinned = self._cudart is not None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether new buffers are page-locked (False from the first failed cudaHostAlloc on)."""
+        return self._pinning
 
     def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A host array of `shape` for input `name`; reused (grown when too small) from batch to batch."""
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         held = self._buffers.get(name)
         if held is None or held[0].nbytes < nbytes:
+            # At least doubled: pinning memory is slow (page-locking), so batches that grow a row at a
+            # time must not reallocate every time.
+            size = max(nbytes, 64, 2 * held[0].nbytes if held is not None else 0)
             self._release(name)
-            self._buffers[name] = held = self._allocate(max(nbytes, 64))
+            self._buffers[name] = held = self._allocate(size)
         return held[0][:nbytes].view(dtype).reshape(shape)
 
     def _allocate(self, nbytes: int) -> tuple[np.ndarray, int]:
-        if self._cudart is not None:
+        if self._cudart is not None and self._pinning:
             pointer = ctypes.c_void_p()
             if self._cudart.cudaHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes), 0) == 0 and pointer.value:
                 raw = (ctypes.c_uint8 * nbytes).from_address(pointer.value)
                 return np.ctypeslib.as_array(raw), pointer.value
             logger.warning("cudaHostAlloc of %d bytes failed: staging batches in pageable memory", nbytes)
-            self._cudart = None
-            self.pinned = False
+            self._pinning = False
         return np.empty(nbytes, dtype=np.uint8), 0
 
     def _release(self, name: str) -> None:
