@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server.runtime import cpus
 from server.settings import Settings, add_arguments, given_arguments
 
 
@@ -114,6 +115,8 @@ def _serve(settings: Settings) -> None:
         from server.workers import supervise
 
         sys.exit(supervise(settings))
+    if settings.worker_index is not None:
+        cpus.share_among(settings.workers)
     from server.app import serve  # imported late so --help works without loading ONNX Runtime
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -9,6 +10,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from server.runtime.cpus import usable_cpus
 from tests.conftest import ServerProcess
 
 
@@ -43,6 +45,11 @@ def test_two_workers_share_the_port_and_add_up_statistics(repository, tmp_path: 
         assert stats.execution_count == 100
         log = server.log()
         assert "worker 0" in log and "worker 1" in log and "with 2 workers" in log
+        # The workers divide the CPUs: each sizes ONNX Runtime's pool for its half, not for all of them.
+        threads = max(1, usable_cpus() // 2)
+        loaded = re.findall(r"loaded model 'addsub' version 1 on \w+ \(1 instance\(s\), max_batch_size \d+, "
+                            r"intra-op threads ([^)]+)\)", log)
+        assert loaded == [str(threads)] * 2, log
     finally:
         code = server.stop()
     assert code == 0, server.log()

@@ -197,10 +197,11 @@ def instance_count(config: mc.ModelConfig) -> int:
     return max(total, 1)
 
 
-def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionOptions:
+def session_options(config: mc.ModelConfig, device: str, share_with_workers: bool = True) -> ort_runtime.SessionOptions:
     """ONNX Runtime settings from the config and the server's --device (auto, cpu, cuda).
 
-    An instance group of KIND_GPU or KIND_CPU overrides the server's device.
+    An instance group of KIND_GPU or KIND_CPU overrides the server's device. `share_with_workers`:
+    the default intra-op threads divide this process's CPUs with the other workers (cpus.share_among).
 
     Raises:
         ModelLoadError: for parameter values that do not parse.
@@ -228,12 +229,12 @@ def session_options(config: mc.ModelConfig, device: str) -> ort_runtime.SessionO
         if "intra_op_thread_count" in params:
             options.intra_op_threads = int(params["intra_op_thread_count"])
         else:
-            # N instances each using every CPU would oversubscribe the machine. One instance on an
-            # unrestricted machine keeps ONNX Runtime's own choice (its physical cores); under an
-            # affinity mask or a cgroup quota ORT would size its pool for CPUs it cannot use.
+            # N instances each using every CPU would oversubscribe the machine. One instance with the
+            # whole machine keeps ONNX Runtime's own choice (its physical cores); under an affinity mask,
+            # a cgroup quota or beside other workers ORT would size its pool for CPUs it cannot use.
             count = instance_count(config)
-            usable = cpus.usable_cpus()
-            options.intra_op_threads = max(1, usable // count) if count > 1 or cpus.restricted() else 0
+            share = cpus.process_cpus() if share_with_workers else cpus.usable_cpus()
+            options.intra_op_threads = max(1, share // count) if count > 1 or share < cpus.machine_cpus() else 0
         options.inter_op_threads = int(params.get("inter_op_thread_count", "0"))
         options.parallel_execution = int(params.get("execution_mode", "0")) == 1
         options.enable_mem_arena = _flag(params.get("enable_mem_arena", "true"))

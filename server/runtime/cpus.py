@@ -19,6 +19,10 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
+# Server processes dividing the usable CPUs between them: 1 unless this process is one of the
+# supervisor's workers (share_among). Process-wide because it is a fact about the process.
+_sharing_processes = 1
+
 
 def affinity_cpus() -> int:
     """CPUs in this process's affinity mask (`taskset`, `docker --cpuset-cpus`); the machine's count where the
@@ -90,6 +94,23 @@ def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> in
     return max(1, min(affinity, quota) if quota is not None else affinity)
 
 
-def restricted(root: Path | None = None, proc_cgroup: Path | None = None) -> bool:
-    """Whether this process may use fewer CPUs than the machine has (an affinity mask or a quota limits it)."""
-    return usable_cpus(root, proc_cgroup) < (os.cpu_count() or 1)
+def share_among(processes: int) -> None:
+    """Declares this process one of `processes` server workers that divide the usable CPUs between them.
+
+    Each worker then sizes ONNX Runtime's pools for its own share: two workers on two CPUs,
+    each with a pool of two threads, start four runnable threads for two CPUs, and on the
+    MLP and CNN of bench/models.py that cost ~10% more CPU per request for ~6-10% less
+    throughput at concurrency 64 than one thread each (docs/benchmarks.md).
+    """
+    global _sharing_processes
+    _sharing_processes = max(1, processes)
+
+
+def process_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
+    """CPUs this process's models may keep busy: usable_cpus() divided among the workers sharing them (at least 1)."""
+    return max(1, usable_cpus(root, proc_cgroup) // _sharing_processes)
+
+
+def machine_cpus() -> int:
+    """The machine's CPU count, whatever this process may use of it."""
+    return os.cpu_count() or 1

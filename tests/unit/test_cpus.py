@@ -104,3 +104,26 @@ def test_settings_and_session_options_follow_the_usable_cpus(monkeypatch: pytest
     assert model_config.session_options(two, "cpu").intra_op_threads == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert model_config.session_options(one, "cpu").intra_op_threads == 0  # the whole machine: ORT's choice
+
+
+def test_workers_divide_the_cpus_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.repository import config as model_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", Path("/nonexistent"))
+    monkeypatch.setattr(cpus, "_sharing_processes", 1)
+    one = mc.ModelConfig(name="m")
+    assert model_config.session_options(one, "cpu").intra_op_threads == 0  # alone on the machine: ORT's choice
+    cpus.share_among(2)
+    assert cpus.process_cpus() == 4
+    assert model_config.session_options(one, "cpu").intra_op_threads == 4
+    assert model_config.session_options(one, "cpu", share_with_workers=False).intra_op_threads == 0  # text models
+    two = mc.ModelConfig(name="m", instance_group=[mc.ModelInstanceGroup(count=2)])
+    assert model_config.session_options(two, "cpu").intra_op_threads == 2
+    assert model_config.session_options(two, "cpu", share_with_workers=False).intra_op_threads == 4
+    cpus.share_among(16)  # more workers than CPUs: still one thread each
+    assert model_config.session_options(one, "cpu").intra_op_threads == 1
+    explicit = mc.ModelConfig(name="m")
+    explicit.parameters["intra_op_thread_count"].string_value = "3"
+    assert model_config.session_options(explicit, "cpu").intra_op_threads == 3  # the config's own count stands

@@ -111,6 +111,24 @@ def test_a_decoder_with_generation_json_is_served_as_text_generation(exported) -
     model.close()
 
 
+def test_a_text_model_keeps_every_cpu_beside_other_workers(exported, monkeypatch, caplog) -> None:
+    """Tensor models divide the CPUs among workers; a decoder's single stream needs them all (one thread per
+    step costs 36-43% more time per token), so its default intra-op threads are not divided."""
+    from server.repository.loader import load_model
+    from server.repository.repository import ModelRepository
+    from server.runtime import cpus
+
+    _, _, model_dir = exported
+    monkeypatch.setattr(cpus, "usable_cpus", lambda *args: 4)
+    monkeypatch.setattr(cpus, "machine_cpus", lambda: 4)
+    monkeypatch.setattr(cpus, "_sharing_processes", 1)
+    cpus.share_among(2)  # what a worker of --workers 2 declares
+    with caplog.at_level("INFO", logger="server.repository.loader"):
+        [model] = load_model(ModelRepository(model_dir.parent), model_dir.name, "cpu", 8)
+    model.close()
+    assert "intra-op threads ONNX Runtime's default)" in caplog.text, caplog.text
+
+
 def test_greedy_completion_is_deterministic_and_bounded(exported) -> None:
     _, session, _ = exported
     first = dec.greedy_completion(session, TINY, b"def ", 12)
