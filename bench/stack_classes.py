@@ -106,9 +106,10 @@ _OURS: dict[str, dict[str | None, str]] = {
     },
     "server/core/types.py": {None: CONVERT},
     "server/core/batcher.py": {
-        None: QUEUE, "_start": MERGE, "_finish_batch": SPLIT, "done": HANDOFF, "submit": QUEUE,
-        "_loop": HANDOFF, "run_instance": HANDOFF, "stop": OTHER,
+        None: QUEUE, "_start": MERGE, "_merged": MERGE, "_finish_batch": SPLIT, "done": HANDOFF, "submit": QUEUE,
+        "_run_on_loop": MERGE,
     },
+    "server/core/instance.py": {None: HANDOFF, "stop": OTHER},
     "server/core/statistics.py": {None: BOOKKEEPING},
     "server/core/errors.py": {None: BOOKKEEPING},
     "server/runtime/onnx.py": {None: ORT},
@@ -126,9 +127,9 @@ _LINE_HINTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("InferResponse", RESPONSE), ("_build_output", RESPONSE), ("outputs=", RESPONSE), ("submit", QUEUE),
         ("record_request", BOOKKEEPING), ("perf_counter", BOOKKEEPING), ("failure", BOOKKEEPING),
     ),
-    "Scheduler._start": (
-        ("concatenate", MERGE), ("queue_wait", BOOKKEEPING), ("submit", HANDOFF), ("def done", HANDOFF),
-    ),
+    "Scheduler._start": (("_merged", MERGE), ("submit", HANDOFF), ("def done", HANDOFF)),
+    "Scheduler._merged": (("concatenate", MERGE), ("queue_wait", BOOKKEEPING)),
+    "Scheduler._run_on_loop": (("_merged", MERGE), ("_finish_batch", SPLIT), ("run_instance", HANDOFF)),
     # Sampled on its blocking get: woken and waiting for a CPU (py-spy counts a runnable thread as
     # busy), or parked; the wake-up's own CPU is small beside the wait on a busy machine.
     "InstanceThread._loop": (("self._jobs.get()", WAITING),),

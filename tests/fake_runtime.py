@@ -20,11 +20,14 @@ class FakeRuntime(Runtime):
         held: Every run waits (its input already recorded in `runs`) until `release()`:
             the test, not the machine's speed, decides how long an instance stays busy.
         fail_if: Runs whose input satisfies this raise RuntimeError.
+        may_run_on_loop: What the runtime tells the scheduler (Runtime.may_run_on_loop).
     """
 
-    def __init__(self, held: bool = False, fail_if: object = None) -> None:
+    def __init__(self, held: bool = False, fail_if: object = None, may_run_on_loop: bool = False) -> None:
         self.fail_if = fail_if
+        self.may_run_on_loop = may_run_on_loop
         self.runs: list[np.ndarray] = []
+        self.threads: list[int] = []  # the thread of each run, in the order of `runs`
         self.concurrent = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
@@ -43,6 +46,7 @@ class FakeRuntime(Runtime):
         x = np.array(inputs["x"])
         with self._lock:
             self.runs.append(x)
+            self.threads.append(threading.get_ident())
             self.concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:

@@ -69,13 +69,18 @@ def test_our_innermost_frame_decides(sc: ModuleType) -> None:
 
 
 def test_one_function_split_by_the_sampled_line(sc: ModuleType) -> None:
-    batcher = "server/core/batcher.py"
-    merge = _line_of(batcher, "np.concatenate")
-    start = f"Scheduler._start ({batcher}:{merge})"
-    assert sc.classify([*LOOP_ROOT, "Scheduler._dispatch (server/core/batcher.py:340)", start]) == sc.MERGE
+    batcher, instance = "server/core/batcher.py", "server/core/instance.py"
+    merge = _line_of(batcher, "else np.concatenate")
+    merged = f"Scheduler._merged ({batcher}:{merge})"
+    assert sc.classify([*LOOP_ROOT, "Scheduler._dispatch (server/core/batcher.py:340)", merged]) == sc.MERGE
     submit = _line_of(batcher, "thread.submit(loop")
     assert sc.classify([*LOOP_ROOT, f"Scheduler._start ({batcher}:{submit})",
-                        f"InstanceThread.submit ({batcher}:141)"]) == sc.HANDOFF
+                        f"InstanceThread.submit ({instance}:30)"]) == sc.HANDOFF
+    # A batch run on the loop: its merge, its run and its answers, told apart by the line.
+    on_loop = f"Scheduler._run_on_loop ({batcher}:{_line_of(batcher, 'results, infer_ns = run_instance(')})"
+    assert sc.classify([*LOOP_ROOT, on_loop]) == sc.HANDOFF
+    assert sc.classify([*LOOP_ROOT, on_loop, "run_instance (server/core/instance.py:66)",
+                        "OnnxRuntimeSession.run (server/runtime/onnx.py:151)"]) == sc.ORT
     model = "server/core/model.py"
     respond = _line_of(model, "outputs=[self._build_output")
     assert sc.classify([*LOOP_ROOT, f"Model.infer ({model}:{respond})"]) == sc.RESPONSE
@@ -86,16 +91,16 @@ def test_native_and_thread_rules(sc: ModuleType) -> None:
     assert sc.classify(LOOP_ROOT) == sc.NATIVE_LOOP
     # grpc.aio's server loop waits over its per-method futures.
     assert sc.classify([*LOOP_ROOT, "wait (asyncio/tasks.py:415)"]) == sc.GRPC_LOOP
-    batcher = "server/core/batcher.py"
-    running = _line_of(batcher, "results, infer_ns = run_instance(")
-    model_thread = ["Thread._bootstrap (threading.py:1002)", f"InstanceThread._loop ({batcher}:{running})"]
-    assert sc.classify([*model_thread, "run_instance (server/core/batcher.py:416)",
+    instance = "server/core/instance.py"
+    running = _line_of(instance, "results, infer_ns = run_instance(")
+    model_thread = ["Thread._bootstrap (threading.py:1002)", f"InstanceThread._loop ({instance}:{running})"]
+    assert sc.classify([*model_thread, "run_instance (server/core/instance.py:66)",
                         "OnnxRuntimeSession.run (server/runtime/onnx.py:151)",
                         "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:395)"]) == sc.ORT
     assert sc.classify(model_thread) == sc.HANDOFF
     # Sampled on its blocking get: woken or parked, not computing.
-    waiting = _line_of(batcher, "self._jobs.get()")
-    assert sc.classify([model_thread[0], f"InstanceThread._loop ({batcher}:{waiting})"]) == sc.WAITING
+    waiting = _line_of(instance, "self._jobs.get()")
+    assert sc.classify([model_thread[0], f"InstanceThread._loop ({instance}:{waiting})"]) == sc.WAITING
     # --native stacks: waits are left out; a wake-up write is a hand-off, not a send.
     assert sc.classify([*model_thread, "pthread_cond_timedwait (libc.so.6)"]) == sc.WAITING
     assert sc.classify([*model_thread, "call_soon_threadsafe (loop.c:1)", "uv_async_send (async.c:1)",
@@ -112,7 +117,7 @@ def test_raw_lines_with_process_and_thread(sc: ModuleType) -> None:
     lines = [
         'process 10:"python -m server";thread (11): MainThread;' + ";".join(LOOP_ROOT) + " 7",
         'process 10:"python -m server";thread (12): ort-mlp-0;Thread._bootstrap (threading.py:1002);'
-        "InstanceThread._loop (server/core/batcher.py:0) 3",
+        "InstanceThread._loop (server/core/instance.py:0) 3",
     ]
     stacks = sc.read_raw(lines)
     assert sum(stacks.values()) == 10

@@ -5,7 +5,8 @@ priority, adds queued requests that can share its run (same non-batch shapes and
 outputs) up to max_batch_size, runs the merged batch on an idle instance's thread,
 and hands each request its slice of the outputs. An idle instance starts at once;
 under load, requests pile up while instances are busy and the next run takes them
-together.
+together. Under load, a single CPU instance whose runs are short runs its batches on
+the event loop itself instead (see Scheduler._on_loop).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,9 +26,8 @@ from server.core.errors import (
     ModelNotReadyError,
     ModelRunError,
     QueueFullError,
-    ServerError,
-    first_line,
 )
+from server.core.instance import InstanceThread, run_instance
 from server.core.statistics import ModelStats
 from server.runtime.base import Runtime
 
@@ -100,12 +98,14 @@ COMPANY_WEIGHT = 0.2
 COMPANY_CAP = 2
 COMPANY_THRESHOLD = 0.5
 
+# Runs on the event loop (Scheduler._on_loop) only while the model's recent runs took at most this long: the
+# loop serves no other call meanwhile, so the bound keeps that pause within the batching delay's order.
+LOOP_RUN_LIMIT_NS = 1_000_000
+# Weight of the newest run in the moving average of run times.
+RUN_TIME_WEIGHT = 0.25
+
 # What requests must share to run together (see _batch_key): each input's non-batch shape, then the outputs.
 BatchKey = tuple[object, ...]
-# Called on the event loop when a run ends: (results, inference ns, error); results is None on error.
-RunDone = Callable[[list[np.ndarray] | None, int, BaseException | None], None]
-# One batch for an instance's thread: the loop to answer on, the feed, the outputs wanted, the callback.
-_Job = tuple[asyncio.AbstractEventLoop, dict[str, np.ndarray], Sequence[str], RunDone]
 
 
 @dataclass(eq=False)
@@ -121,42 +121,6 @@ class PendingRequest:
     future: asyncio.Future[list[np.ndarray]]
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
-
-
-class InstanceThread:
-    """One model instance and the thread that runs its batches.
-
-    A dedicated thread fed through a SimpleQueue, answering with call_soon_threadsafe,
-    costs fewer wake-ups and less Python than an executor future chained to an
-    asyncio future, which matters when a run itself takes a fraction of a millisecond.
-    """
-
-    def __init__(self, runtime: Runtime, name: str) -> None:
-        self.runtime = runtime
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, loop: asyncio.AbstractEventLoop, feed: dict[str, np.ndarray], names: Sequence[str], done: RunDone
-    ) -> None:
-        """Runs the batch on this instance's thread; `done(results, infer_ns, error)` is called on the loop."""
-        self._jobs.put((loop, feed, names, done))
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, feed, names, done = job
-            try:
-                results, infer_ns = run_instance(self.runtime, feed, names)
-            except Exception as exc:  # every failure is handed to the requests of the batch
-                loop.call_soon_threadsafe(done, None, 0, exc)
-            else:
-                loop.call_soon_threadsafe(done, results, infer_ns, None)
-
-    def stop(self) -> None:
-        """Lets the thread finish its current batch and end."""
-        self._jobs.put(None)
-        self._thread.join(timeout=60)
 
 
 class Scheduler:
@@ -188,6 +152,9 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by the first submit
         self._outstanding = 0  # submitted and not yet answered (queued or running)
         self._company = 0.0  # see COMPANY_WEIGHT
+        # Whether batches may run on the loop: one instance that allows it (Runtime.may_run_on_loop).
+        self._loop_capable = len(self._threads) == 1 and instances[0].may_run_on_loop
+        self._run_ns = 0.0  # moving average of run times (RUN_TIME_WEIGHT); 0 until a run is measured
 
     @property
     def queued(self) -> int:
@@ -341,27 +308,51 @@ class Scheduler:
             if wait_s > 0:
                 self._delay_timer = loop.call_later(wait_s, self._dispatch)
                 return
-            for pending in batch:
-                self._dequeue(pending)
-                if pending.timer is not None:
-                    pending.timer.cancel()
+            if self._on_loop():
+                # The batch is gathered when the run starts, after the calls the loop has ready now.
+                loop.call_soon(self._run_on_loop, self._idle.pop())
+                return
+            self._take(batch)
             self._start(loop, self._idle.pop(), batch)
 
-    def _start(self, loop: asyncio.AbstractEventLoop, thread: InstanceThread, batch: list[PendingRequest]) -> None:
-        start = time.perf_counter_ns()
+    def _on_loop(self) -> bool:
+        """Whether the next batch runs on the event loop rather than on the instance's thread.
+
+        Handing a batch to a thread and its answer back costs a wake-up of each and a contest for the GIL
+        (the echo server's ladder, bench/run_ladder.py: -26% requests/s when answers come from a thread);
+        under load, with runs this short, the loop does better running it and gathering the next calls
+        after. Not at low load: there the thread's run overlaps the loop finishing the call's own work
+        (concurrency 1 p50 8% better on a thread), and a lone client's request is all there is.
+        """
+        return (
+            self._loop_capable and 0 < self._run_ns <= LOOP_RUN_LIMIT_NS and self._company >= COMPANY_THRESHOLD
+        )
+
+    def _take(self, batch: list[PendingRequest]) -> None:
+        """Removes the batch's requests from the queue: they are about to run."""
+        for pending in batch:
+            self._dequeue(pending)
+            if pending.timer is not None:
+                pending.timer.cancel()
+
+    def _merged(self, batch: list[PendingRequest], start: int) -> dict[str, np.ndarray]:
+        """The batch's inputs as one feed (padding where the config says), its queue waits recorded."""
         for pending in batch:
             self.stats.queue_wait(start - pending.enqueued_ns)
         head = batch[0]
+        if len(batch) == 1:
+            return head.inputs
+        padded = self.config.padded_inputs
+        return {
+            name: _padded_concatenate([p.inputs[name] for p in batch]) if name in padded
+            else np.concatenate([p.inputs[name] for p in batch])
+            for name in head.inputs
+        }
+
+    def _start(self, loop: asyncio.AbstractEventLoop, thread: InstanceThread, batch: list[PendingRequest]) -> None:
+        start = time.perf_counter_ns()
         try:
-            if len(batch) == 1:
-                feed = head.inputs
-            else:
-                padded = self.config.padded_inputs
-                feed = {
-                    name: _padded_concatenate([p.inputs[name] for p in batch]) if name in padded
-                    else np.concatenate([p.inputs[name] for p in batch])
-                    for name in head.inputs
-                }
+            feed = self._merged(batch, start)
         except Exception as exc:  # cannot happen for validated requests; never strand them
             self._finish_batch(thread, batch, None, exc, 0, 0)
             return
@@ -370,7 +361,24 @@ class Scheduler:
         def done(results: list[np.ndarray] | None, infer_ns: int, error: BaseException | None) -> None:
             self._finish_batch(thread, batch, results, error, input_ns, infer_ns)
 
-        thread.submit(loop, feed, head.output_names, done)
+        thread.submit(loop, feed, batch[0].output_names, done)
+
+    def _run_on_loop(self, thread: InstanceThread) -> None:
+        """Runs what is queued now as one batch, here on the loop (see _on_loop)."""
+        batch = [] if self._closed else self._collect()
+        if not batch:  # expired, cancelled or failed by close() since the dispatch
+            self._idle.append(thread)
+            return
+        self._take(batch)
+        start = time.perf_counter_ns()
+        try:
+            feed = self._merged(batch, start)
+            input_ns = time.perf_counter_ns() - start
+            results, infer_ns = run_instance(thread.runtime, feed, batch[0].output_names)
+        except Exception as exc:  # every failure is handed to the requests of the batch
+            self._finish_batch(thread, batch, None, exc, 0, 0)
+        else:
+            self._finish_batch(thread, batch, results, None, input_ns, infer_ns)
 
     def _finish_batch(
         self,
@@ -382,6 +390,8 @@ class Scheduler:
         infer_ns: int,
     ) -> None:
         self._idle.append(thread)
+        if infer_ns > 0:
+            self._run_ns = infer_ns if self._run_ns == 0 else self._run_ns + RUN_TIME_WEIGHT * (infer_ns - self._run_ns)
         if error is not None or results is None:
             for pending in batch:
                 if not pending.future.done():
@@ -420,20 +430,6 @@ class Scheduler:
         """Ends the instance threads (blocking; after their current batch)."""
         for thread in self._threads:
             thread.stop()
-
-
-def run_instance(instance: Runtime, feed: dict[str, np.ndarray], names: Sequence[str]) -> tuple[list[np.ndarray], int]:
-    """Runs one batch on an instance (on a worker thread) and times it."""
-    start = time.perf_counter_ns()
-    try:
-        results = instance.run(feed, names)
-    except ServerError:
-        raise
-    except Exception as exc:
-        # ONNX Runtime's own messages can be long and name internal paths: log, keep it short.
-        logger.exception("model run failed")
-        raise ModelRunError(first_line(exc, empty="model run failed")) from exc
-    return results, time.perf_counter_ns() - start
 
 
 def _queue_timeout_s(policy: QueuePolicy, request_timeout_us: int) -> float | None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from server.core.batcher import run_instance
 from server.core.decode_batch import DecodeBatch, plan_prefill, prompt_inputs
 from server.core.decoder_layout import DecoderLayout
 from server.core.errors import (
@@ -39,6 +38,7 @@ from server.core.errors import (
     ServerError,
 )
 from server.core.generation_stream import Delivery, Stream, TokenChunk, TokenLogprob, send, token_logprobs
+from server.core.instance import run_instance
 from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw, model_sampling_defaults
 from server.core.statistics import GenerationStats
 from server.core.tokenizer import Tokenizer, load_tokenizer

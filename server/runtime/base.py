@@ -40,6 +40,9 @@ class Runtime(ABC):
     inputs: Sequence[GraphTensor]
     outputs: Sequence[GraphTensor]
     providers: Sequence[str]
+    # True when a run only computes on this CPU (waits on no device, lock or gate), so that a short one may
+    # run on the event loop itself; the scheduler decides when, from measured run times and load.
+    may_run_on_loop: bool = False
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:

@@ -135,6 +135,8 @@ class OnnxRuntimeSession(Runtime):
             )
         self.inputs = [_graph_tensor(a) for a in self._session.get_inputs()]
         self.outputs = [_graph_tensor(a) for a in self._session.get_outputs()]
+        # On a GPU the run waits on the device, and the loop has better things to do meanwhile.
+        self.may_run_on_loop = self.providers[0] == CPU
         self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
         self._string_outputs = any(t.datatype == "BYTES" for t in self.outputs)
         self._shrink_above = options.arena_shrink_above_bytes if options.enable_mem_arena else 0
