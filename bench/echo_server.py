@@ -5,7 +5,14 @@ input INPUT FP32 [-1, 256] and output OUTPUT FP32 [-1, 10]. It parses each reque
 (as any server must) and returns the same pre-serialised response bytes: no model,
 no batching, nothing but gRPC and protobuf.
 
-    python bench/echo_server.py --port 8101 [--workers 2] [--uvloop]
+    python bench/echo_server.py --port 8101 [--workers 2] [--uvloop] [--answer now|later|thread]
+
+`--answer` says how ModelInfer's handler answers, to price what a real server's handler adds
+(bench/run_ladder.py): `now` returns at once (the transport alone); `later` awaits a future the loop
+resolves on its next pass (one suspension and resumption of the call's task, as a handler that waits
+for a batch has); `thread` hands the call to a second thread, which resolves every call it finds
+waiting with one `call_soon_threadsafe` (the loop woken from another thread once per group, as
+ortserve's instance threads answer a batch).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import queue
+import threading
 
 import grpc
 
@@ -44,8 +53,34 @@ def _canned() -> dict[str, bytes]:
     }
 
 
-def _handlers() -> grpc.GenericRpcHandler:
+class _Answerer:
+    """A thread that resolves the futures handed to it: every one waiting, with one wake-up of the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: queue.SimpleQueue[tuple[asyncio.Future[bytes], bytes]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def submit(self, future: asyncio.Future[bytes], response: bytes) -> None:
+        self._waiting.put((future, response))
+
+    def _run(self) -> None:
+        while True:
+            group = [self._waiting.get()]
+            while not self._waiting.empty():
+                group.append(self._waiting.get())
+            self._loop.call_soon_threadsafe(_resolve, group)
+
+
+def _resolve(group: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
+    for future, response in group:
+        if not future.done():
+            future.set_result(response)
+
+
+def _handlers(answer: str, loop: asyncio.AbstractEventLoop) -> grpc.GenericRpcHandler:
     canned = _canned()
+    answerer = _Answerer(loop) if answer == "thread" else None
     handlers = {}
     for name, response in canned.items():
         request_class = getattr(pb, f"{name}Request")
@@ -53,27 +88,36 @@ def _handlers() -> grpc.GenericRpcHandler:
         async def handle(request: object, context: object, response: bytes = response) -> bytes:
             return response
 
+        async def handle_later(request: object, context: object, response: bytes = response) -> bytes:
+            future: asyncio.Future[bytes] = loop.create_future()
+            if answerer is not None:
+                answerer.submit(future, response)
+            else:
+                loop.call_soon(future.set_result, response)
+            return await future
+
+        chosen = handle_later if name == "ModelInfer" and answer != "now" else handle
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            handle, request_deserializer=request_class.FromString, response_serializer=lambda b: b
+            chosen, request_deserializer=request_class.FromString, response_serializer=lambda b: b
         )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, answer: str) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    server.add_generic_rpc_handlers((_handlers(),))
+    server.add_generic_rpc_handlers((_handlers(answer, asyncio.get_running_loop()),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
-def _run(port: int, use_uvloop: bool) -> None:
+def _run(port: int, use_uvloop: bool, answer: str) -> None:
     if use_uvloop:
         import uvloop
 
-        uvloop.run(_serve(port))
+        uvloop.run(_serve(port, answer))
     else:
-        asyncio.run(_serve(port))
+        asyncio.run(_serve(port, answer))
 
 
 def main() -> None:
@@ -81,8 +125,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8101)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--answer", choices=("now", "later", "thread"), default="now")
     args = parser.parse_args()
-    workers = [multiprocessing.Process(target=_run, args=(args.port, args.uvloop)) for _ in range(args.workers)]
+    workers = [
+        multiprocessing.Process(target=_run, args=(args.port, args.uvloop, args.answer)) for _ in range(args.workers)
+    ]
     for worker in workers:
         worker.start()
     print(f"echo server on 127.0.0.1:{args.port}, {args.workers} process(es), pid {os.getpid()}", flush=True)
