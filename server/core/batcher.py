@@ -148,6 +148,7 @@ class Scheduler:
         self._queued_per_level = [0] * levels
         self._queued = 0
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._delay_deadline_ns = 0  # when the armed delay timer's wait ends
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # set by the first submit
         self._outstanding = 0  # submitted and not yet answered (queued or running)
@@ -294,26 +295,48 @@ class Scheduler:
         waited_s = (time.perf_counter_ns() - batch[0].enqueued_ns) / 1e9
         return max(0.0, delay_us / 1e6 - waited_s)
 
-    def _dispatch(self) -> None:
-        """Starts runs on idle instances for as long as there is queued work."""
-        if self._delay_timer is not None:
-            self._delay_timer.cancel()
-            self._delay_timer = None
+    def _dispatch(self, waited: bool = False) -> None:
+        """Starts runs on idle instances for as long as there is queued work.
+
+        Args:
+            waited: The delay timer fired: the head has waited for a fuller batch as long as it may.
+        """
         loop = self._loop or asyncio.get_running_loop()
         while self._idle and self._queued and not self._closed:
             batch = self._collect()
             if not batch:
                 return
-            wait_s = self._worth_waiting(batch)
+            wait_s = 0.0 if waited else self._worth_waiting(batch)
             if wait_s > 0:
-                self._delay_timer = loop.call_later(wait_s, self._dispatch)
+                # One timer per wait, armed once: re-armed on every arrival, each re-arming cost a whole
+                # dispatch, and ~7 dispatches ran per request (uvloop's timers count whole milliseconds, so a
+                # remainder under 0.5 ms fires on the next pass and was re-armed, until the delay ran out).
+                if self._delay_timer is None:
+                    self._delay_deadline_ns = time.perf_counter_ns() + int(wait_s * 1e9)
+                    self._delay_timer = loop.call_later(wait_s, self._delay_over)
                 return
+            waited = False  # only the batch that waited skips waiting; the next instance's batch decides anew
+            if self._delay_timer is not None:
+                self._delay_timer.cancel()
+                self._delay_timer = None
             if self._on_loop():
                 # The batch is gathered when the run starts, after the calls the loop has ready now.
                 loop.call_soon(self._run_on_loop, self._idle.pop())
                 return
             self._take(batch)
             self._start(loop, self._idle.pop(), batch)
+
+    def _delay_over(self) -> None:
+        remaining_ns = self._delay_deadline_ns - time.perf_counter_ns()
+        if remaining_ns > 0:
+            # Fired early (whole-millisecond timers): wait out the rest, so the batch fills for as long as the
+            # config allows; each early pass costs this check only.
+            self._delay_timer = (self._loop or asyncio.get_running_loop()).call_later(
+                remaining_ns / 1e9, self._delay_over
+            )
+            return
+        self._delay_timer = None
+        self._dispatch(waited=True)
 
     def _on_loop(self) -> bool:
         """Whether the next batch runs on the event loop rather than on the instance's thread.

@@ -336,3 +336,25 @@ def test_pad_batch_inputs_refusals(parameter: str, error: str) -> None:
     fixed = ModelSignature([TensorSpec("x", "INT64", (3,))], [TensorSpec("y", "FP32", (4,))], 8)
     with pytest.raises(ModelLoadError, match="no variable first dimension"):
         _with_padding(scheduler_config(config, 100), config, fixed)
+
+
+def test_the_delay_is_waited_out_in_full_on_uvloop() -> None:
+    """uvloop's timers count whole milliseconds: a 1.4 ms wait armed as one timer fires after about 1.1 ms. The head
+    must still wait its full delay (its own queue time, a lower bound a slow machine cannot fail), and its company
+    runs with it."""
+    import uvloop
+
+    waits: list[int] = []
+
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        scheduler = make(SchedulerConfig(max_batch_size=8, dynamic_batching=True, max_queue_delay_us=1_400), runtime)
+        scheduler.stats.queue_wait = waits.append  # type: ignore[method-assign]
+        results = await asyncio.gather(*(submit(scheduler, float(i)) for i in range(4)))
+        for i, y in enumerate(results):
+            np.testing.assert_array_equal(y, np.full((1, 3), 2.0 * i, np.float32))
+        assert [len(run) for run in runtime.runs] == [4]
+        await scheduler.close()
+
+    uvloop.run(scenario())
+    assert len(waits) == 4 and max(waits) >= 1_400_000, f"the head waited {max(waits) / 1e6:.3f} ms"
