@@ -252,7 +252,7 @@ def measure(
     started = time.monotonic()
     try:
         result = subprocess.run(perf_command(server.port, concurrency, requests, csv_path), env=perf_env(),
-                                capture_output=True, text=True, timeout=120 + requests / 50)
+                                capture_output=True, text=True, timeout=60 + requests / 100)
     except subprocess.TimeoutExpired:
         if attempts <= 1:
             raise
