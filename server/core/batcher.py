@@ -342,7 +342,7 @@ class Scheduler:
         """Whether the next batch runs on the event loop rather than on the instance's thread.
 
         Handing a batch to a thread and its answer back costs a wake-up of each and a contest for the GIL
-        (the echo server's ladder, bench/run_ladder.py: -26% requests/s when answers come from a thread);
+        (bench/run_ladder.py: the echo answering from a second thread took 1.13-1.43x its CPU per request);
         under load, with runs this short, the loop does better running it and gathering the next calls
         after. Not at low load: there the thread's run overlaps the loop finishing the call's own work
         (concurrency 1 p50 8% better on a thread), and a lone client's request is all there is.
