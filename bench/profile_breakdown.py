@@ -132,12 +132,17 @@ def profile_repo(intra_op_threads: int | None = None) -> Path:
         subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(source)], cwd=ROOT, check=True)
     if not (repo / MODEL).exists():
         repo.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source / MODEL, repo / MODEL)
-        if intra_op_threads is not None:
-            with open(repo / MODEL / "config.pbtxt", "a") as config:
-                config.write(f'parameters {{ key: "intra_op_thread_count" value {{ string_value: '
-                             f'"{intra_op_threads}" }} }}\n')
+        copy_model(source / MODEL, repo / MODEL, intra_op_threads)
     return repo
+
+
+def copy_model(source: Path, target: Path, intra_op_threads: int | None = None) -> None:
+    """Copies a repository model, with `intra_op_thread_count` appended to its config when given."""
+    shutil.copytree(source, target)
+    if intra_op_threads is not None:
+        with open(target / "config.pbtxt", "a") as config:
+            value = f'{{ string_value: "{intra_op_threads}" }}'
+            config.write(f'parameters {{ key: "intra_op_thread_count" value {value} }}\n')
 
 
 def start_ortserve(repo: Path, workers: int, port_file: Path) -> Server:

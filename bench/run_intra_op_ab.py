@@ -26,7 +26,15 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import profile_breakdown  # noqa: E402
-from profile_breakdown import OUT, Measured, load_average, measure, python_thread_names, start_ortserve  # noqa: E402
+from profile_breakdown import (  # noqa: E402
+    OUT,
+    Measured,
+    copy_model,
+    load_average,
+    measure,
+    python_thread_names,
+    start_ortserve,
+)
 from run_batching import stop  # noqa: E402
 
 MODELS = {"mlp_delay1ms": (256,), "cnn_delay1ms": (3, 32, 32)}
@@ -39,11 +47,7 @@ def repository(label: str, intra_op_threads: int | None) -> Path:
         raise SystemExit(f"run `python bench/models.py` first ({source} lacks {', '.join(MODELS)})")
     shutil.rmtree(repo, ignore_errors=True)
     for name in MODELS:
-        shutil.copytree(source / name, repo / name)
-        if intra_op_threads is not None:
-            with open(repo / name / "config.pbtxt", "a") as config:
-                config.write(f'parameters {{ key: "intra_op_thread_count" value {{ string_value: '
-                             f'"{intra_op_threads}" }} }}\n')
+        copy_model(source / name, repo / name, intra_op_threads)
     return repo
 
 
