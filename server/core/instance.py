@@ -61,6 +61,7 @@ class InstanceThread:
         self._jobs.put(None)
         self._thread.join(timeout=60)
 
+
 def run_instance(instance: Runtime, feed: dict[str, np.ndarray], names: Sequence[str]) -> tuple[list[np.ndarray], int]:
     """Runs one batch on an instance (on its thread, or on the loop) and times it."""
     start = time.perf_counter_ns()
