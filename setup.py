@@ -1,7 +1,8 @@
-"""Builds the one C extension (server.core._sampling); everything else is in pyproject.toml.
+"""Builds the C extensions; everything else is in pyproject.toml.
 
-The extension is optional: without a C compiler the install still succeeds and the
-server samples with numpy instead (same tokens, about 150 us more per decode step).
+Both are optional: without a C compiler the install still succeeds and the server does the
+same work in Python: sampling with numpy (same tokens, about 150 us more per decode step),
+ModelInfer through protobuf objects (same bytes, about 10% fewer requests/s at high load).
 """
 
 from setuptools import Extension, setup
@@ -9,5 +10,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("server.core._sampling", ["server/core/_sampling.c"], optional=True),
+        Extension("server.rpc._infer_wire", ["server/rpc/_infer_wire.c"], optional=True),
     ],
 )

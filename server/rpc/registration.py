@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from server.core.errors import ServerError
 from server.logs import access, new_request_id, request_id
-from server.rpc import status
+from server.rpc import fast_infer, status
 from server.rpc.auth import Metadata, MethodGate, refuse
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import text_generation_pb2 as gen_pb
@@ -64,8 +64,15 @@ def add_inference_service(
     servicer: object, server: grpc.aio.Server, observer: CallObserver | None = None,
     authenticator: Authenticator | None = None,
 ) -> None:
-    """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods."""
-    add_service(SERVICE, pb, servicer, server, observer=observer, authenticator=authenticator)
+    """Adds every RPC of inference.GRPCInferenceService, implemented by `servicer`'s methods.
+
+    ModelInfer reads and writes its common messages without protobuf (fast_infer.py): its handler
+    receives either the core InferRequest or a ModelInferRequest, and may answer with bytes.
+    """
+    codecs = {"ModelInfer": (
+        fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest)), fast_infer.serialize_response
+    )}
+    add_service(SERVICE, pb, servicer, server, observer=observer, authenticator=authenticator, codecs=codecs)
 
 
 def add_generation_service(
@@ -111,6 +118,7 @@ def add_peer_metrics_service(local_metrics: Callable[[], bytes], server: grpc.ai
 def add_service(
     service: Any, module: Any, servicer: object, server: grpc.aio.Server, guarded: bool = False,
     observer: CallObserver | None = None, authenticator: Authenticator | None = None,
+    codecs: Mapping[str, tuple[Callable[[bytes], object], Callable[[Any], bytes]]] | None = None,
 ) -> None:
     """Registers `servicer`'s methods for every RPC of `service` (messages from `module`).
 
@@ -121,6 +129,7 @@ def add_service(
             request id for the log, and writes the access log.
         authenticator: With --auth-config: each method runs only for callers allowed its role (rpc/auth.py),
             inside the observer, so refusals are counted and logged too.
+        codecs: A method's own (deserializer, serializer), in place of its messages' protobuf ones.
     """
     handlers = {}
     for method in service.methods:
@@ -132,8 +141,9 @@ def add_service(
         gate = MethodGate(authenticator, path) if authenticator is not None else None
         if observer is not None or gate is not None:
             behaviour = _wrapped(behaviour, path, observer, gate)
-        deserializer = _safe_deserializer(request_class)
-        serializer = getattr(module, method.output_type.name).SerializeToString
+        deserializer, serializer = (codecs or {}).get(method.name) or (
+            _safe_deserializer(request_class), getattr(module, method.output_type.name).SerializeToString
+        )
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler
         elif method.server_streaming:

@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 
 from server.core.errors import UnsupportedError
-from server.rpc import converters, status
+from server.core.types import InferRequest
+from server.rpc import converters, fast_infer, status
 from server.rpc.pb import grpc_service_pb2 as pb
 from server.rpc.pb import grpc_service_pb2_grpc as pb_grpc
 from server.rpc.peers import PEER_HEADER
@@ -83,11 +84,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return converters.model_metadata_to_pb(self._plane.model_metadata(request.name, request.version))
 
     @status.unary
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        response = await self._plane.infer(converters.infer_request_from_pb(request), context.time_remaining())
-        return converters.infer_response_to_pb(response)
+    async def ModelInfer(  # type: ignore[override]  # may answer bytes: its serializer passes them through
+        self, request: pb.ModelInferRequest | InferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse | bytes:
+        # The registered deserializer already made the common request an InferRequest (fast_infer.py).
+        infer_request = request if isinstance(request, InferRequest) else converters.infer_request_from_pb(request)
+        response = await self._plane.infer(infer_request, context.time_remaining())
+        encoded = fast_infer.response_to_bytes(response)
+        return encoded if encoded is not None else converters.infer_response_to_pb(response)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
