@@ -48,12 +48,25 @@ def request_from_bytes(data: bytes) -> InferRequest | None:
         model_version=model_version,
         id=request_id,
         inputs=[
-            InputTensor(name, dtype, shape, np.frombuffer(data, _NUMPY_DTYPES[dtype], count, offset).reshape(shape))
+            InputTensor(name, dtype, shape, _view(data, _NUMPY_DTYPES[dtype], offset, count).reshape(shape))
             for name, dtype, shape, offset, count in inputs
         ],
         outputs=[RequestedOutput(name) for name in outputs],
         parameters=parameters,
     )
+
+
+def _view(data: bytes, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
+    """`count` elements at `offset` of the request: a read-only view, or a copy when the view would be misaligned.
+
+    Where the contents lie in the message is the sender's choice; a model must never get, say, float64s at an
+    odd address (kernels may assume their elements' alignment). The general path copies every input into its own
+    bytes object; here only a misaligned one is copied, into its own bytes object likewise.
+    """
+    array = np.frombuffer(data, dtype, count, offset)
+    if array.flags.aligned:
+        return array
+    return np.frombuffer(data[offset : offset + count * dtype.itemsize], dtype)
 
 
 def response_to_bytes(response: InferResponse) -> bytes | None:

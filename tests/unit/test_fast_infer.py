@@ -222,6 +222,21 @@ def test_every_prefix_and_byte_mutation_is_either_declined_or_read_as_the_genera
     assert taken >= 300  # most mutations land in the contents, which both paths take as they are
 
 
+@pytest.mark.parametrize("datatype", ["FP64", "INT32", "FP16"])
+def test_inputs_are_aligned_wherever_the_sender_put_them(datatype: str) -> None:
+    for padding in range(8):
+        # The model name's length moves the raw contents to every offset modulo 8.
+        message = _request([(2, 3)], [datatype], seed=padding)
+        message.model_name = "m" * (padding + 1)
+        data = message.SerializeToString()
+        fast = fast_infer.request_from_bytes(data)
+        assert fast is not None
+        array = fast.inputs[0].data
+        assert array.flags.aligned and array.ctypes.data % array.dtype.alignment == 0
+        assert not array.flags.writeable
+        assert _same_or_declined(data)
+
+
 def test_packed_and_unpacked_shapes_read_the_same() -> None:
     packed = _request([(2, 3)], ["FP32"]).SerializeToString()
     # The same request with the shape as one varint field per dimension (what some encoders write).
