@@ -11,7 +11,11 @@ request, at concurrency 64 (throughput, CPU per request) and 1 (p50), the rungs'
    columns), so ONNX Runtime costs next to nothing and what remains is ortserve's whole request path
    (conversion, validation, batching with the 1 ms adaptive delay, the instance thread, the response);
 5. ortserve serving the MLP quantised to int8 (exporters/quantize.py, dynamic; gated against FP32);
-6. ortserve serving the MLP in FP32 (bench/models.py's `mlp_delay1ms`, issue 15's model).
+6. ortserve serving the MLP in FP32 (bench/models.py's `mlp_delay1ms`, issue 15's model);
+7. ortserve serving `passthrough_cnn`: the CNN's input and output ([B, 3, 32, 32] -> 10 values), a 12 KB
+   request with next to no compute, so the CNN's request path priced alone;
+8. ortserve serving the CNN in FP32 (`cnn_delay1ms`).
+The echo rungs answer the MLP's request only; the CNN rungs compare with the MLP-shaped ones.
 CPU per request is every thread of the server's processes (/proc) over the measured requests. Prints each
 round, then medians and each rung's ratio to rung 1. Needs bench/setup_perf_analyzer.sh.
 """
@@ -48,16 +52,25 @@ class Passthrough(torch.nn.Module):
         return x[:, :10] * 1.0
 
 
+class PassthroughCNN(torch.nn.Module):
+    """The CNN's signature with almost no compute: the first 10 values of the first row of the image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0, :10] * 1.0
+
+
 def build(repo: Path) -> None:
-    """bench/out/ladder_repo: passthrough, the FP32 MLP (copied from bench/out/repo) and its int8 variant."""
-    source = OUT / "repo" / "mlp_delay1ms"
-    if not source.exists():
-        raise SystemExit("run `python bench/models.py` first")
+    """bench/out/ladder_repo: the passthroughs, the FP32 MLP and CNN (copied from bench/out/repo), the MLP in int8."""
+    for name in ("mlp_delay1ms", "cnn_delay1ms"):
+        if not (OUT / "repo" / name).exists():
+            raise SystemExit("run `python bench/models.py` first")
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
-    shutil.copytree(source, repo / "mlp_delay1ms")
+    for name in ("mlp_delay1ms", "cnn_delay1ms"):
+        shutil.copytree(OUT / "repo" / name, repo / name)
     spec = ExportSpec(["INPUT"], ["OUTPUT"], max_batch_size=64, extra_config=CONFIG)
     export_torch(Passthrough().eval(), (torch.zeros(2, 256),), spec, repo, "passthrough")
+    export_torch(PassthroughCNN().eval(), (torch.zeros(2, 3, 32, 32),), spec, repo, "passthrough_cnn")
     held_out = quantize.HeldOut({"INPUT": np.random.default_rng(0).standard_normal((1024, 256), dtype=np.float32)})
     quantize.quantize_model_dir(repo / "mlp_delay1ms", "int8-dynamic", held_out, name=INT8)
 
@@ -77,7 +90,8 @@ def main() -> None:
             rungs[f"echo, answer {answer}"] = (start_echo(answer), "mlp")
         ortserve = start_ortserve(repo, 2, OUT / "ladder_port")
         for label, model in (("ortserve, passthrough", "passthrough"), ("ortserve, MLP int8", INT8),
-                             ("ortserve, MLP FP32", "mlp_delay1ms")):
+                             ("ortserve, MLP FP32", "mlp_delay1ms"), ("ortserve, CNN-shaped passthrough",
+                             "passthrough_cnn"), ("ortserve, CNN FP32", "cnn_delay1ms")):
             rungs[label] = (ortserve, model)
         names = profile_breakdown.python_thread_names(ortserve.pids)
         results: dict[tuple[str, int], list[Measured]] = {}
