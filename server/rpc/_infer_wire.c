@@ -11,7 +11,9 @@
  * It takes only what it fully understands: a request with raw_input_contents for every input,
  * fixed-size datatypes, request parameters (perf_analyzer and tritonclient send some) but none
  * on inputs or requested outputs, no typed contents, at most 16 inputs and 16 outputs of
- * at most 32 dimensions, non-empty tensors whose byte counts match their shapes. Anything
+ * at most 32 dimensions, non-empty tensors whose byte counts match their shapes, and no string
+ * field given twice (protobuf checks every copy's UTF-8 and keeps the last; no client repeats
+ * them, so this code declines rather than checking copies it would throw away). Anything
  * else, including every malformed or invalid request, returns None, and the caller parses it
  * with protobuf and the general path, which gives the error answers. So this code never
  * decides what is an error; it only declines.
@@ -102,6 +104,17 @@ static int read_tag(Reader *r, uint32_t *field, int *wire)
     return *field != 0 && (*wire == WIRE_VARINT || *wire == WIRE_I64 || *wire == WIRE_LEN);
 }
 
+/* A singular string field's value, kept only if it is the first: 0 when it was already set. */
+static int set_once(Slice *target, int *seen, Slice value)
+{
+    if (*seen) {
+        return 0;
+    }
+    *seen = 1;
+    *target = value;
+    return 1;
+}
+
 /* A length-delimited field's contents. */
 static int read_slice(Reader *r, Slice *out)
 {
@@ -118,6 +131,7 @@ static int read_slice(Reader *r, Slice *out)
 typedef struct {
     Slice name;
     Slice datatype;
+    int has_name, has_datatype;
     uint64_t dims[MAX_DIMS];
     int ndims;
 } InputTensor;
@@ -155,9 +169,13 @@ static int parse_input(Slice message, InputTensor *tensor)
             return 0;
         }
         if (field == INPUT_NAME) {
-            tensor->name = value;
+            if (!set_once(&tensor->name, &tensor->has_name, value)) {
+                return 0;
+            }
         } else if (field == INPUT_DATATYPE) {
-            tensor->datatype = value;
+            if (!set_once(&tensor->datatype, &tensor->has_datatype, value)) {
+                return 0;
+            }
         } else if (field == INPUT_SHAPE) {
             Reader packed = {value.data, value.data + value.size};
             while (packed.p < packed.end) {
@@ -176,12 +194,15 @@ static int parse_input(Slice message, InputTensor *tensor)
 static int parse_output(Slice message, Slice *name)
 {
     Reader r = {message.data, message.data + message.size};
+    int has_name = 0;
     name->data = message.data;
     name->size = 0;
     while (r.p < r.end) {
         uint32_t field;
         int wire;
-        if (!read_tag(&r, &field, &wire) || field != OUTPUT_NAME || wire != WIRE_LEN || !read_slice(&r, name)) {
+        Slice value;
+        if (!read_tag(&r, &field, &wire) || field != OUTPUT_NAME || wire != WIRE_LEN || !read_slice(&r, &value)
+            || !set_once(name, &has_name, value)) {
             return 0;
         }
     }
@@ -207,15 +228,12 @@ static Py_ssize_t matching_count(const InputTensor *tensor, Py_ssize_t item, Py_
     uint64_t limit = (uint64_t)(size / item);
     for (int i = 0; i < tensor->ndims; i++) {
         uint64_t dim = tensor->dims[i];
-        /* Every dimension is >= 1, so none may exceed the elements the bytes hold, and neither may
-         * the running product: both stay below 2^63 and the product cannot overflow. */
-        if (dim == 0 || dim > limit) {
+        /* Every dimension is >= 1, so the running product may never exceed the elements the bytes
+         * hold; checked before multiplying, so it cannot overflow whatever the sizes. */
+        if (dim == 0 || dim > limit / count) {
             return -1;
         }
         count *= dim;
-        if (count > limit) {
-            return -1;
-        }
     }
     return count * (uint64_t)item == (uint64_t)size ? (Py_ssize_t)count : -1;
 }
@@ -285,7 +303,7 @@ static int add_parameter(Slice entry, PyObject *parameters)
 {
     Reader r = {entry.data, entry.data + entry.size};
     Slice key = {entry.data, 0}, message = {entry.data, 0};
-    int has_value = 0;
+    int has_key = 0, has_value = 0;
     while (r.p < r.end) {
         uint32_t field;
         int wire;
@@ -294,12 +312,15 @@ static int add_parameter(Slice entry, PyObject *parameters)
             return 0;
         }
         if (field == ENTRY_KEY) {
-            key = value;
-        } else if (field == ENTRY_VALUE && !has_value) {
-            message = value;
-            has_value = 1;
+            if (!set_once(&key, &has_key, value)) {
+                return 0;
+            }
+        } else if (field == ENTRY_VALUE) {
+            if (!set_once(&message, &has_value, value)) {
+                return 0; /* a second value: protobuf merges the two */
+            }
         } else {
-            return 0; /* a second value (protobuf merges the two) or an unknown field */
+            return 0; /* an unknown field */
         }
     }
     PyObject *name = utf8(key);
@@ -394,6 +415,7 @@ static PyObject *parse_request(PyObject *self, PyObject *arg)
     const uint8_t *base = (const uint8_t *)PyBytes_AS_STRING(arg);
     Reader r = {base, base + PyBytes_GET_SIZE(arg)};
     Slice strings[3] = {{base, 0}, {base, 0}, {base, 0}};
+    int has_string[3] = {0, 0, 0};
     Slice input_messages[MAX_TENSORS], raw[MAX_TENSORS], outputs[MAX_TENSORS];
     int n_inputs = 0, n_raw = 0, n_outputs = 0, added;
     PyObject *parameters = PyDict_New(), *result;
@@ -411,7 +433,9 @@ static PyObject *parse_request(PyObject *self, PyObject *arg)
         case REQ_MODEL_NAME:
         case REQ_MODEL_VERSION:
         case REQ_ID:
-            strings[field - REQ_MODEL_NAME] = value;
+            if (!set_once(&strings[field - REQ_MODEL_NAME], &has_string[field - REQ_MODEL_NAME], value)) {
+                goto decline;
+            }
             break;
         case REQ_PARAMETERS:
             if ((added = add_parameter(value, parameters)) < 0) {
@@ -572,10 +596,12 @@ static PyObject *encode_response(PyObject *self, PyObject *args)
                           &outputs_arg)) {
         return NULL;
     }
-    if ((outputs = PySequence_Fast(outputs_arg, "outputs must be a sequence")) == NULL) {
+    /* A tuple of its own: the items (tuples, str, buffers) then live until the end whatever the Python code that
+     * reading a dimension (__index__) or a buffer may run does to the caller's list. */
+    if ((outputs = PySequence_Tuple(outputs_arg)) == NULL) {
         return NULL;
     }
-    n = PySequence_Fast_GET_SIZE(outputs);
+    n = PyTuple_GET_SIZE(outputs);
     if (n > MAX_TENSORS) {
         PyErr_SetString(PyExc_ValueError, "more than 16 outputs");
         goto done;
@@ -585,7 +611,7 @@ static PyObject *encode_response(PyObject *self, PyObject *args)
         total += sizes[i] ? field_size(sizes[i]) : 0;
     }
     for (; gathered < n; gathered++) {
-        if (!gather_output(PySequence_Fast_GET_ITEM(outputs, gathered), &parts[gathered])) {
+        if (!gather_output(PyTuple_GET_ITEM(outputs, gathered), &parts[gathered])) {
             goto done;
         }
         total += field_size(parts[gathered].tensor_size) + field_size(parts[gathered].contents.len);

@@ -77,9 +77,8 @@ def response_to_bytes(response: InferResponse) -> bytes | None:
     for output in response.outputs:
         data = output.data
         # A C-contiguous array of a fixed-size type is its own raw contents (what tobytes() copies).
-        contents = data if output.datatype != "BYTES" and data.flags.c_contiguous else bytes_codec.encode_raw(
-            data, output.datatype
-        )
+        plain = isinstance(data, np.ndarray) and output.datatype != "BYTES" and data.flags.c_contiguous
+        contents = data if plain else bytes_codec.encode_raw(data, output.datatype)
         outputs.append((output.name, output.datatype, output.shape, contents))
     try:
         return _infer_wire.encode_response(response.model_name, response.model_version, response.id, outputs)

@@ -185,6 +185,10 @@ def test_uncommon_and_invalid_requests_are_declined(case: str) -> None:
     assert isinstance(deserialize(data), pb.ModelInferRequest)
 
 
+# One FP32 [2] input "x" with its 8 bytes, after model_name "m".
+_FP32_INPUT = b"\x0a\x01m\x2a\x0c\x0a\x01x\x12\x04FP32\x1a\x01\x02\x3a\x08" + bytes(8)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -202,6 +206,27 @@ def test_malformed_bytes_are_declined_and_keep_the_general_paths_answer(data: by
     deserialize = fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest))
     result = deserialize(data)
     assert isinstance(result, MalformedRequest | pb.ModelInferRequest)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x0a\x01\xff\x0a\x01m" + _FP32_INPUT,  # model_name
+        b"\x1a\x01\xff\x1a\x01i" + _FP32_INPUT,  # id
+        b"\x0a\x01m\x2a\x0f\x0a\x01\xff\x0a\x01x\x12\x04FP32\x1a\x01\x02\x3a\x08" + bytes(8),  # input name
+        b"\x0a\x01m\x2a\x0f\x0a\x01x\x12\x01\xff\x12\x04FP32\x1a\x01\x02\x3a\x08" + bytes(8),  # datatype
+        b"\x32\x06\x0a\x01\xff\x0a\x01o" + _FP32_INPUT,  # a requested output's name
+        b"\x22\x0a\x0a\x01\xff\x0a\x01k\x12\x02\x08\x01" + _FP32_INPUT,  # a parameter's key
+    ],
+)
+def test_a_string_given_twice_with_a_first_copy_that_is_not_utf8_is_declined(data: bytes) -> None:
+    """Protobuf checks every copy of a string field and refuses these; the fast path keeps only the last copy, so
+    it declines any string field given twice rather than serve what the general path refuses."""
+    assert isinstance(_safe_deserializer(pb.ModelInferRequest)(data), MalformedRequest)
+    assert fast_infer.request_from_bytes(data) is None
+    repaired = data.replace(b"\xff", b"z")  # the same request with valid copies: protobuf takes it, the fast path not
+    pb.ModelInferRequest.FromString(repaired)  # raises if the bytes were malformed for another reason
+    assert fast_infer.request_from_bytes(repaired) is None
 
 
 def test_every_prefix_and_byte_mutation_is_either_declined_or_read_as_the_general_path() -> None:
@@ -272,6 +297,11 @@ def test_every_fixed_datatype_is_written_as_protobuf_writes_it(datatype: str) ->
         count = int(np.prod(shape)) if shape else 1
         data = _values(datatype, count, rng).reshape(shape)
         _assert_written_as_protobuf(InferResponse("model", "1", "id-1", [_output("out", datatype, data)]))
+
+
+def test_an_output_that_is_not_an_array_is_written_by_protobuf_and_the_same() -> None:
+    response = InferResponse("m", "1", "", [OutputTensor("o", "INT32", (2,), [1, 2])])  # type: ignore[arg-type]
+    assert fast_infer.response_to_bytes(response) == converters.infer_response_to_pb(response).SerializeToString()
 
 
 def test_bytes_outputs_empty_fields_and_odd_arrays_are_written_as_protobuf_writes_them() -> None:
