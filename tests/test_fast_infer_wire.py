@@ -72,6 +72,23 @@ def test_fast_and_general_paths_answer_the_same_bytes(channel: grpc.Channel, dat
         assert response.raw_output_contents[0] == message.raw_input_contents[0]
 
 
+def test_bytes_requests_take_the_general_path_and_get_the_same_answer_as_typed_contents(channel: grpc.Channel) -> None:
+    """BYTES (length-prefixed elements) is left to the general path; its answer is written by the fast writer."""
+    from tritonclient.utils import serialize_byte_tensor
+
+    values = np.array([b"hello", b"", "\u00fcn\u00efcode".encode(), b"tab\there"], dtype=object)  # UTF-8: ONNX string tensors hold text
+    raw = pb.ModelInferRequest(model_name="identity_bytes", id="b")
+    raw.inputs.add(name="in_bytes", datatype="BYTES", shape=[2, 2])
+    raw.raw_input_contents.append(serialize_byte_tensor(values).item())  # one bytes object, length-prefixed
+    typed = pb.ModelInferRequest(model_name="identity_bytes", id="b")
+    typed.inputs.add(name="in_bytes", datatype="BYTES", shape=[2, 2]).contents.bytes_contents.extend(values)
+    assert fast_infer.request_from_bytes(raw.SerializeToString()) is None
+    raw_answer = _raw_call(channel, raw.SerializeToString())
+    typed_answer = _raw_call(channel, typed.SerializeToString())
+    assert raw_answer == typed_answer
+    assert pb.ModelInferResponse.FromString(raw_answer).raw_output_contents[0] == raw.raw_input_contents[0]
+
+
 def test_tritonclient_with_request_parameters_gets_the_right_answer(triton: Any) -> None:
     import tritonclient.grpc as grpcclient
 
