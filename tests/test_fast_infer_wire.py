@@ -76,7 +76,8 @@ def test_bytes_requests_take_the_general_path_and_get_the_same_answer_as_typed_c
     """BYTES (length-prefixed elements) is left to the general path; its answer is written by the fast writer."""
     from tritonclient.utils import serialize_byte_tensor
 
-    values = np.array([b"hello", b"", "\u00fcn\u00efcode".encode(), b"tab\there"], dtype=object)  # UTF-8: ONNX string tensors hold text
+    # Text only: ONNX string tensors hold UTF-8.
+    values = np.array([b"hello", b"", "\u00fcn\u00efcode".encode(), b"tab\there"], dtype=object)
     raw = pb.ModelInferRequest(model_name="identity_bytes", id="b")
     raw.inputs.add(name="in_bytes", datatype="BYTES", shape=[2, 2])
     raw.raw_input_contents.append(serialize_byte_tensor(values).item())  # one bytes object, length-prefixed
