@@ -31,9 +31,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from server.app import OrtServer  # noqa: E402
-from server.rpc import fast_infer  # noqa: E402
 from server.rpc.pb import grpc_service_pb2 as pb  # noqa: E402
-from server.rpc.registration import CallObserver, _safe_deserializer, _wrapped  # noqa: E402
+from server.rpc.registration import CallObserver, _wrapped, model_infer_codec  # noqa: E402
 from server.rpc.servicers import InferenceServicer  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -77,8 +76,7 @@ async def run(repo: Path, model: str, requests: int, concurrency: int, profile: 
     served = server.registry.get(model)
     servicer = InferenceServicer(server.plane)
     call = _wrapped(servicer.ModelInfer, METHOD, CallObserver(server.plane.grpc_requests), None)
-    deserialize = fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest))
-    serialize = fast_infer.serialize_response
+    deserialize, serialize = model_infer_codec()
     shape = tuple(served.validator.signature.inputs[0].dims)
     body, context = request_bytes(model, shape), CallContext()
 

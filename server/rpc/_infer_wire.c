@@ -115,6 +115,16 @@ static int set_once(Slice *target, int *seen, Slice value)
     return 1;
 }
 
+/* Appends to a list of at most MAX_TENSORS slices: 0 when it is full. */
+static int append(Slice *list, int *count, Slice value)
+{
+    if (*count == MAX_TENSORS) {
+        return 0;
+    }
+    list[(*count)++] = value;
+    return 1;
+}
+
 /* A length-delimited field's contents. */
 static int read_slice(Reader *r, Slice *out)
 {
@@ -447,10 +457,9 @@ static PyObject *parse_request(PyObject *self, PyObject *arg)
             }
             break;
         case REQ_INPUTS:
-            if (n_inputs == MAX_TENSORS) {
+            if (!append(input_messages, &n_inputs, value)) {
                 goto decline;
             }
-            input_messages[n_inputs++] = value;
             break;
         case REQ_OUTPUTS:
             if (n_outputs == MAX_TENSORS || !parse_output(value, &outputs[n_outputs])) {
@@ -459,10 +468,9 @@ static PyObject *parse_request(PyObject *self, PyObject *arg)
             n_outputs++;
             break;
         case REQ_RAW:
-            if (n_raw == MAX_TENSORS) {
+            if (!append(raw, &n_raw, value)) {
                 goto decline;
             }
-            raw[n_raw++] = value;
             break;
         default:
             goto decline; /* a field this code does not know */

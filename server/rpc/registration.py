@@ -69,10 +69,13 @@ def add_inference_service(
     ModelInfer reads and writes its common messages without protobuf (fast_infer.py): its handler
     receives either the core InferRequest or a ModelInferRequest, and may answer with bytes.
     """
-    codecs = {"ModelInfer": (
-        fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest)), fast_infer.serialize_response
-    )}
+    codecs = {"ModelInfer": model_infer_codec()}
     add_service(SERVICE, pb, servicer, server, observer=observer, authenticator=authenticator, codecs=codecs)
+
+
+def model_infer_codec() -> tuple[Callable[[bytes], object], Callable[[Any], bytes]]:
+    """ModelInfer's (deserializer, serializer): the fast path's, falling back to protobuf's safe parse."""
+    return fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest)), fast_infer.serialize_response
 
 
 def add_generation_service(

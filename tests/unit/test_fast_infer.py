@@ -20,7 +20,7 @@ from server.core.errors import InvalidInputError
 from server.core.types import InferRequest, InferResponse, OutputTensor
 from server.rpc import converters, fast_infer
 from server.rpc.pb import grpc_service_pb2 as pb
-from server.rpc.registration import _safe_deserializer
+from server.rpc.registration import _safe_deserializer, model_infer_codec
 from server.rpc.status import MalformedRequest
 
 FIXED = sorted(name for name, t in datatypes.BY_NAME.items() if t.item_size)
@@ -181,7 +181,7 @@ def test_uncommon_and_invalid_requests_are_declined(case: str) -> None:
     data = message.SerializeToString()
     assert fast_infer.request_from_bytes(data) is None
     # The deserializer hands them to protobuf: the handler then gets the message (or the parse failure).
-    deserialize = fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest))
+    deserialize, _ = model_infer_codec()
     assert isinstance(deserialize(data), pb.ModelInferRequest)
 
 
@@ -203,7 +203,7 @@ _FP32_INPUT = b"\x0a\x01m\x2a\x0c\x0a\x01x\x12\x04FP32\x1a\x01\x02\x3a\x08" + by
 )
 def test_malformed_bytes_are_declined_and_keep_the_general_paths_answer(data: bytes) -> None:
     assert fast_infer.request_from_bytes(data) is None
-    deserialize = fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest))
+    deserialize, _ = model_infer_codec()
     result = deserialize(data)
     assert isinstance(result, MalformedRequest | pb.ModelInferRequest)
 
@@ -335,7 +335,7 @@ def test_without_the_compiled_module_everything_takes_the_general_path(monkeypat
     assert not fast_infer.available()
     assert fast_infer.request_from_bytes(data) is None
     assert fast_infer.response_to_bytes(InferResponse("m", "1", "")) is None
-    deserialize = fast_infer.request_deserializer(_safe_deserializer(pb.ModelInferRequest))
+    deserialize, _ = model_infer_codec()
     assert isinstance(deserialize(data), pb.ModelInferRequest)
 
 
