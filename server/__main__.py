@@ -117,6 +117,8 @@ def _serve(settings: Settings) -> None:
         sys.exit(supervise(settings))
     if settings.worker_index is not None:
         cpus.share_among(settings.workers)
+        if settings.cpu_affinity == "auto":
+            cpus.pin_worker(settings.worker_index, settings.workers)  # before any thread of gRPC or ONNX Runtime
     from server.app import serve  # imported late so --help works without loading ONNX Runtime
 
     try:

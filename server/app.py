@@ -34,6 +34,7 @@ from server.rpc.registration import (
     add_reflection_service,
 )
 from server.rpc.servicers import InferenceServicer
+from server.runtime import cpus
 from server.schema import _pool
 from server.service.auth import Authenticator
 from server.service.auth_config import AuthConfigError
@@ -201,7 +202,11 @@ class OrtServer:
         if self.settings.model_control_mode == "poll":
             self._spawn(self._poll_repository())
         if worker is not None and self.settings.peer_dir is not None:
-            logger.info("worker %d (pid %d) serving on port %d", worker, os.getpid(), self.port)
+            pinned = cpus.pinned_cpus()
+            logger.info(
+                "worker %d (pid %d) serving on port %d%s", worker, os.getpid(), self.port,
+                f", pinned to CPU(s) {','.join(map(str, pinned))}" if pinned else "",
+            )
             workers.mark_ready(self.settings.peer_dir, worker)
             return self.port
         logger.info("ortserve listening on %s:%d", self.settings.host, self.port)

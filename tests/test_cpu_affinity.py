@@ -1,13 +1,18 @@
-"""A server started under `taskset -c 0` sizes itself for one CPU: one process, one intra-op thread."""
+"""CPU affinity: a server under `taskset -c 0` sizes itself for one CPU (one process, one intra-op thread); two
+workers are pinned to a CPU each (`--cpu-affinity auto`), a text-generation model's threads keep both, and
+`--cpu-affinity none` pins nothing."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,109 @@ def test_one_cpu_gives_one_worker_and_one_thread(tmp_path: Path) -> None:
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
         if children.exists():
             assert children.read_text().strip() == ""
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+
+
+def _thread_masks(pid: int) -> dict[int, list[int]]:
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            masks[int(tid)] = sorted(os.sched_getaffinity(int(tid)))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return masks
+
+
+def _start_two_workers(tmp_path: Path, cpus: list[int], *extra: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    repository = tmp_path / "repo"
+    torch.manual_seed(0)
+    export_torch(torch.nn.Linear(4, 2), (torch.zeros(2, 4),), ExportSpec(["x"], ["y"]), repository, "tiny")
+    shutil.copytree(ROOT / "model_repository" / "bytes_decoder", repository / "bytes_decoder")
+    # Two intra-op threads given, so ONNX Runtime's pool thread takes its creator's mask: left to choose (0),
+    # ORT pins its pool threads to CPUs itself, whatever ours.
+    with open(repository / "bytes_decoder" / "config.pbtxt", "a") as config:
+        config.write('parameters { key: "intra_op_thread_count" value { string_value: "2" } }\n')
+    port_file, log_path = tmp_path / "port", tmp_path / "server.log"
+    command = [
+        "taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-m", "server", "serve",
+        "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+        "--metrics-port", "0", "--port-file", str(port_file), "--workers", "2", "--log-level", "info", *extra,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not port_file.exists() or not port_file.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    return process, port_file, log_path
+
+
+def _serve_both_kinds(port_file: Path) -> None:
+    """A tensor inference over gRPC and a text generation over HTTP, each answered correctly."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{int(port_file.read_text())}")
+    tensor = grpcclient.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert client.infer("tiny", [tensor]).as_numpy("y").shape == (1, 2)
+    client.close()
+    http_port = int(port_file.with_name(port_file.name + ".http").read_text())
+    body = json.dumps({"text_input": "ab", "max_tokens": 3, "parameters": {"temperature": 0}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/bytes_decoder/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        assert "text_output" in json.loads(response.read())
+
+
+def _workers(process: subprocess.Popen[bytes]) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+
+
+two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two workers needs two CPUs")
+
+
+@two_cpus
+def test_two_workers_are_pinned_to_a_cpu_each_and_text_models_keep_both(tmp_path: Path) -> None:
+    both = sorted(os.sched_getaffinity(0))[:2]
+    process, port_file, log_path = _start_two_workers(tmp_path, both)
+    try:
+        _serve_both_kinds(port_file)
+        text = log_path.read_text()
+        pinned = sorted(int(cpu) for cpu in re.findall(r"worker \d \(pid \d+\) serving on port \d+, pinned to CPU\(s\) "
+                                                       r"(\d+)\n", text))
+        assert pinned == both, text
+        workers = _workers(process)
+        assert len(workers) == 2
+        own = {}
+        whole_process_threads = 0
+        for pid in workers:
+            masks = _thread_masks(pid)
+            own[pid] = masks[pid]  # the worker's main thread: the event loop
+            assert len(own[pid]) == 1, masks
+            # Every thread runs on the worker's own CPU, but for the text model's, which may use both.
+            assert all(mask in (own[pid], both) for mask in masks.values()), masks
+            whole_process_threads += sum(mask == both for mask in masks.values())
+        assert sorted(own.values()) == [[both[0]], [both[1]]]
+        # Each worker's text-model session has its pool thread on both CPUs; the worker that generated also has
+        # its generation thread there.
+        assert whole_process_threads >= 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+
+
+@two_cpus
+def test_cpu_affinity_none_leaves_every_thread_on_every_cpu(tmp_path: Path) -> None:
+    both = sorted(os.sched_getaffinity(0))[:2]
+    process, port_file, log_path = _start_two_workers(tmp_path, both, "--cpu-affinity", "none")
+    try:
+        _serve_both_kinds(port_file)
+        assert "pinned" not in log_path.read_text()
+        for pid in _workers(process):
+            assert all(mask == both for mask in _thread_masks(pid).values())
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log_path.read_text()

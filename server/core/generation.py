@@ -42,6 +42,7 @@ from server.core.instance import run_instance
 from server.core.sampling import SamplingColumns, SamplingParams, StopMatcher, draw, model_sampling_defaults
 from server.core.statistics import GenerationStats
 from server.core.tokenizer import Tokenizer, load_tokenizer
+from server.runtime import cpus
 from server.runtime.base import Runtime
 
 # TokenChunk is defined with the stream's other types; callers import it from here too.
@@ -239,6 +240,9 @@ class GenerationScheduler:
     # --- the model thread -------------------------------------------------------------
 
     def _serve(self) -> None:
+        # A stream's steps use every CPU of the process (its session's intra-op threads are sized so), also in a
+        # worker whose other threads are pinned to its share (cpus.pin_worker).
+        cpus.unpin_this_thread()
         leftovers: list[Stream] = []
         while True:
             outbox: list[tuple[Stream, Delivery]] = []

@@ -200,11 +200,11 @@ def instance_count(config: mc.ModelConfig) -> int:
 def session_options(config: mc.ModelConfig, device: str, share_with_workers: bool = True) -> ort_runtime.SessionOptions:
     """ONNX Runtime settings from the config and the server's --device (auto, cpu, cuda).
 
-    An instance group of KIND_GPU or KIND_CPU overrides the server's device. `share_with_workers`:
-    the default intra-op threads divide this process's CPUs with the other workers (cpus.share_among).
+    An instance group of KIND_GPU or KIND_CPU overrides the server's device. `share_with_workers`: the default
+    intra-op threads divide this process's CPUs with the other workers (cpus.share_among); else (a text model)
+    the session's threads use every CPU of the process, also in a pinned worker (cpus.pin_worker).
 
-    Raises:
-        ModelLoadError: for parameter values that do not parse.
+    Raises ModelLoadError for parameter values that do not parse.
     """
     kind = config.instance_group[0].kind if config.instance_group else mc.ModelInstanceGroup.KIND_AUTO
     if kind == mc.ModelInstanceGroup.KIND_GPU:
@@ -212,7 +212,7 @@ def session_options(config: mc.ModelConfig, device: str, share_with_workers: boo
     elif kind == mc.ModelInstanceGroup.KIND_CPU:
         device = "cpu"
     options = ort_runtime.SessionOptions()
-    options.quiet_fallback = device == "auto"
+    options.quiet_fallback, options.all_cpus = device == "auto", not share_with_workers
     auto_cuda = ort_runtime.CUDA in ort_runtime.available_providers() and ort_runtime.nvidia_driver_present()
     if device == "cuda" or (device == "auto" and auto_cuda):
         providers = [ort_runtime.CUDA]

@@ -12,8 +12,10 @@ business and every layer that needs it may import the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -23,10 +25,18 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 # supervisor's workers (share_among). Process-wide because it is a fact about the process.
 _sharing_processes = 1
 
+# The process's affinity mask before pin_worker narrowed it (None while nothing is pinned): the CPUs the
+# process may use, which the pinned threads' own masks no longer show.
+_process_mask: frozenset[int] | None = None
+# The CPUs pin_worker gave this worker's threads (None while nothing is pinned).
+_pinned: frozenset[int] | None = None
+
 
 def affinity_cpus() -> int:
     """CPUs in this process's affinity mask (`taskset`, `docker --cpuset-cpus`); the machine's count where the
     platform has no affinity call."""
+    if _process_mask is not None:
+        return len(_process_mask)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
@@ -114,3 +124,81 @@ def process_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> i
 def machine_cpus() -> int:
     """The machine's CPU count, whatever this process may use of it."""
     return os.cpu_count() or 1
+
+
+def worker_cpus(index: int, workers: int, mask: Sequence[int], quota: int | None) -> tuple[int, ...] | None:
+    """The CPUs worker `index` of `workers` is pinned to (pin_worker), from the process's affinity `mask`
+    (sorted) and its cgroup CPU `quota`; None: leave its threads to the kernel.
+
+    Each worker gets its own contiguous slice of the mask, as many CPUs as share_among gives it (any remainder
+    stays unpinned, free for the rest of the machine); more workers than CPUs take the CPUs in turn. Nothing is
+    pinned for a lone worker, and nothing under a quota tighter than the mask: a quota lets the group spend its
+    CPU time on any CPU of the mask, and pinning to a few of them would collide with whoever else runs there.
+    """
+    if workers < 2 or len(mask) < 2 or index < 0 or index >= workers:
+        return None
+    if quota is not None and quota < len(mask):
+        return None
+    if len(mask) < workers:
+        return (mask[index % len(mask)],)
+    size = len(mask) // workers
+    return tuple(mask[index * size : (index + 1) * size])
+
+
+def pin_worker(index: int, workers: int) -> tuple[int, ...] | None:
+    """Pins every thread of this worker process, and so every thread it starts later, to its share of the CPUs
+    (worker_cpus); returns them, or None when nothing was pinned.
+
+    Why: a request crosses the event loop, gRPC's poller and event-engine threads and the model's instance
+    thread. With two workers on two CPUs left to the kernel, each hand-off may wake a thread on the other CPU
+    (an inter-processor interrupt, a cold cache); pinned, each worker's threads hand work to one another on
+    one CPU. Measured on the 2-core machine (docs/benchmarks.md, "Workers pinned to their CPUs"). Call it
+    early, before gRPC and ONNX Runtime start their threads: threads inherit the mask of the thread that
+    starts them. A thread that must use every CPU of the process runs inside unpinned().
+    """
+    global _process_mask, _pinned
+    try:
+        mask = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity calls on this platform
+        return None
+    chosen = worker_cpus(index, workers, mask, cgroup_cpus())
+    if chosen is None:
+        return None
+    _process_mask, _pinned = frozenset(mask), frozenset(chosen)
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, _pinned)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return chosen
+
+
+def pinned_cpus() -> tuple[int, ...] | None:
+    """The CPUs this worker's threads are pinned to, or None."""
+    return tuple(sorted(_pinned)) if _pinned is not None else None
+
+
+@contextlib.contextmanager
+def unpinned() -> Iterator[None]:
+    """Runs the calling thread on every CPU of the process for the duration (a no-op when nothing is pinned);
+    threads started inside inherit that. For work sized for the whole process, such as a text-generation
+    model's ONNX Runtime session and thread (their intra-op threads use usable_cpus(), not the worker's share).
+    """
+    if _process_mask is None or _pinned is None:
+        yield
+        return
+    os.sched_setaffinity(0, _process_mask)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, _pinned)
+
+
+def unpin_this_thread() -> None:
+    """Lets the calling thread run on every CPU of the process from now on (a no-op when nothing is pinned)."""
+    if _process_mask is not None:
+        os.sched_setaffinity(0, _process_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import onnxruntime as ort
 
 from server.core import datatypes
 from server.core.errors import InvalidInputError, ModelLoadError, first_line
+from server.runtime import cpus
 from server.runtime.base import GraphTensor, Runtime
 from server.runtime.device_io import BindingPlan, BoundRunner, bindable, disagreement
 
@@ -53,6 +55,8 @@ class SessionOptions:
         cuda_graphs: One captured CUDA graph per batch-size bucket (the config's optimization.cuda.graphs);
             only with I/O binding, ignored on the CPU unless io_binding is "on".
         max_batch_size: The model's max_batch_size, for the graph buckets.
+        all_cpus: The session's threads may use every CPU of the process even in a worker pinned to its share
+            (cpus.pin_worker): set for a text-generation model, whose intra-op threads are sized that way.
     """
 
     providers: list[str] = field(default_factory=lambda: [CPU])
@@ -68,6 +72,7 @@ class SessionOptions:
     io_binding: str = "auto"
     cuda_graphs: bool = False
     max_batch_size: int = 0
+    all_cpus: bool = False
 
 
 def available_providers() -> list[str]:
@@ -118,9 +123,11 @@ class OnnxRuntimeSession(Runtime):
         if options.cuda_graphs and TENSORRT in requested:
             provider_options[requested.index(TENSORRT)]["trt_cuda_graph_enable"] = "1"
         try:
-            self._session = ort.InferenceSession(
-                model_bytes, sess_options=so, providers=requested, provider_options=provider_options
-            )
+            # ONNX Runtime's pool threads take the affinity of the thread that creates the session.
+            with cpus.unpinned() if options.all_cpus else contextlib.nullcontext():
+                self._session = ort.InferenceSession(
+                    model_bytes, sess_options=so, providers=requested, provider_options=provider_options
+                )
         except Exception as exc:  # ORT raises its own exception types for bad graphs
             raise ModelLoadError(f"ONNX Runtime could not create a session: {first_line(exc)}") from exc
         self.providers = list(self._session.get_providers())

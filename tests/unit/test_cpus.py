@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,103 @@ def test_workers_divide_the_cpus_between_them(monkeypatch: pytest.MonkeyPatch) -
     explicit = mc.ModelConfig(name="m")
     explicit.parameters["intra_op_thread_count"].string_value = "3"
     assert model_config.session_options(explicit, "cpu").intra_op_threads == 3  # the config's own count stands
+
+
+@pytest.mark.parametrize(
+    ("index", "workers", "mask", "quota", "expected"),
+    [
+        (0, 2, [0, 1], None, (0,)),
+        (1, 2, [0, 1], None, (1,)),
+        (1, 2, [4, 6, 9, 11], None, (9, 11)),  # contiguous slices of the mask, whatever its CPU numbers
+        (2, 3, [0, 1, 2, 3, 4, 5, 6, 7], None, (4, 5)),  # 8 // 3 = 2 each; CPUs 6 and 7 stay free
+        (2, 3, [0, 1], None, (0,)),  # more workers than CPUs: the CPUs in turn
+        (1, 3, [0, 1], None, (1,)),
+        (0, 2, [0, 1, 2, 3], 4, (0, 1)),  # a quota as wide as the mask limits nothing
+        (0, 2, [0, 1, 2, 3], 2, None),  # a tighter quota: the group may run anywhere in the mask
+        (0, 1, [0, 1], None, None),  # a lone worker has nothing to share
+        (0, 2, [3], None, None),  # one CPU: nothing to choose
+        (2, 2, [0, 1], None, None),  # not a worker of this supervisor
+    ],
+)
+def test_worker_cpus(
+    index: int, workers: int, mask: list[int], quota: int | None, expected: tuple[int, ...] | None
+) -> None:
+    assert cpus.worker_cpus(index, workers, mask, quota) == expected
+
+
+PINNING_SCRIPT = r"""
+import json, os, sys, threading
+from server.runtime import cpus
+
+def mask_in_new_thread():
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+full = sorted(os.sched_getaffinity(0))
+early = threading.Event()
+stop = threading.Event()
+early_mask = []
+def started_before():
+    early.set()
+    stop.wait()
+    early_mask.append(sorted(os.sched_getaffinity(0)))
+before = threading.Thread(target=started_before)
+before.start()
+early.wait()
+cpus.share_among(2)
+pinned = cpus.pin_worker(1, 2)
+stop.set()
+before.join()
+result = {"full": full, "pinned": pinned, "main": sorted(os.sched_getaffinity(0)), "early": early_mask[0],
+          "later": mask_in_new_thread(), "usable": cpus.usable_cpus(), "process": cpus.process_cpus(),
+          "reported": cpus.pinned_cpus()}
+with cpus.unpinned():
+    result["inside_main"] = sorted(os.sched_getaffinity(0))
+    result["inside_thread"] = mask_in_new_thread()
+result["after_main"] = sorted(os.sched_getaffinity(0))
+seen = []
+def unpin_then_read():
+    cpus.unpin_this_thread()
+    seen.append(sorted(os.sched_getaffinity(0)))
+thread = threading.Thread(target=unpin_then_read)
+thread.start()
+thread.join()
+result["unpinned_thread"] = seen[0]
+result["main_at_end"] = sorted(os.sched_getaffinity(0))
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two workers needs two CPUs")
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_a_pinned_worker_pins_every_thread_and_unpinned_restores_the_whole_mask() -> None:
+    """In a child process (pinning this one would pin the test run): worker 1 of 2 on the first two CPUs."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    two = sorted(os.sched_getaffinity(0))[:2]
+    command = ["taskset", "-c", ",".join(map(str, two)), sys.executable, "-c", PINNING_SCRIPT]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout)
+    assert result["full"] == two
+    assert result["pinned"] == [two[1]] and result["reported"] == [two[1]]
+    # Every thread: the caller, one started before the pinning, one started after.
+    assert result["main"] == result["early"] == result["later"] == [two[1]]
+    # The process may still use both CPUs; its models' share is one.
+    assert result["usable"] == 2 and result["process"] == 1
+    assert result["inside_main"] == result["inside_thread"] == two
+    assert result["after_main"] == [two[1]]
+    assert result["unpinned_thread"] == two and result["main_at_end"] == [two[1]]
+
+
+def test_nothing_is_pinned_for_a_lone_process() -> None:
+    assert cpus.pinned_cpus() is None
+    with cpus.unpinned():  # a no-op
+        assert cpus.pinned_cpus() is None
