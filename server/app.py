@@ -188,6 +188,7 @@ class OrtServer:
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()
+        cpus.release_named_threads()  # gRPC's own threads exist now (see cpus.pin_worker)
         if self.settings.allow_http:
             await self._start_http(reuse_port=worker is not None)
         if self.settings.allow_metrics:

@@ -177,6 +177,34 @@ def pin_worker(index: int, workers: int) -> tuple[int, ...] | None:
     return chosen
 
 
+def release_named_threads() -> int:
+    """Lets every thread that gave itself a name of its own (gRPC's event-engine, timer and lifeguard threads)
+    run on every CPU of the process again; returns how many. A no-op when nothing is pinned.
+
+    Called once gRPC has started its threads. The event loop, gRPC's poller thread (a Python thread) and the
+    models' threads keep the worker's CPU, where their hand-offs are cheap; the event engine, which reads and
+    writes the sockets, may borrow another CPU while the loop runs a batch. Pinning it too cost the CNN 4% of its
+    throughput at concurrency 64; released, it gained 6% (docs/benchmarks.md, "Workers pinned to their CPUs").
+    Threads the released ones start later inherit the whole mask.
+    """
+    if _process_mask is None:
+        return 0
+    try:
+        own_name = Path("/proc/self/comm").read_text()
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    released = 0
+    for thread in threads:
+        try:
+            if Path(f"/proc/self/task/{thread}/comm").read_text() != own_name:
+                os.sched_setaffinity(int(thread), _process_mask)
+                released += 1
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return released
+
+
 def pinned_cpus() -> tuple[int, ...] | None:
     """The CPUs this worker's threads are pinned to, or None."""
     return tuple(sorted(_pinned)) if _pinned is not None else None

@@ -194,13 +194,33 @@ thread.start()
 thread.join()
 result["unpinned_thread"] = seen[0]
 result["main_at_end"] = sorted(os.sched_getaffinity(0))
+
+# A thread that names itself (as gRPC's do) is released; one that does not stays pinned.
+import ctypes
+named, plain, ready, done = [], [], threading.Barrier(3), threading.Event()
+def park(rename, into):
+    if rename:
+        ctypes.CDLL(None).prctl(15, b"event_engine", 0, 0, 0)  # PR_SET_NAME
+    ready.wait()
+    done.wait()
+    into.append(sorted(os.sched_getaffinity(0)))
+threads = [threading.Thread(target=park, args=(True, named)), threading.Thread(target=park, args=(False, plain))]
+for thread in threads:
+    thread.start()
+ready.wait()
+result["released"] = cpus.release_named_threads()
+done.set()
+for thread in threads:
+    thread.join()
+result["named"], result["plain"] = named[0], plain[0]
+result["main_after_release"] = sorted(os.sched_getaffinity(0))
 print(json.dumps(result))
 """
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two workers needs two CPUs")
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
-def test_a_pinned_worker_pins_every_thread_and_unpinned_restores_the_whole_mask() -> None:
+def test_a_pinned_worker_pins_every_thread_and_releases_what_it_must() -> None:
     """In a child process (pinning this one would pin the test run): worker 1 of 2 on the first two CPUs."""
     import json
     import subprocess
@@ -222,9 +242,12 @@ def test_a_pinned_worker_pins_every_thread_and_unpinned_restores_the_whole_mask(
     assert result["inside_main"] == result["inside_thread"] == two
     assert result["after_main"] == [two[1]]
     assert result["unpinned_thread"] == two and result["main_at_end"] == [two[1]]
+    assert result["released"] == 1 and result["named"] == two
+    assert result["plain"] == result["main_after_release"] == [two[1]]
 
 
 def test_nothing_is_pinned_for_a_lone_process() -> None:
     assert cpus.pinned_cpus() is None
+    assert cpus.release_named_threads() == 0
     with cpus.unpinned():  # a no-op
         assert cpus.pinned_cpus() is None
