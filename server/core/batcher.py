@@ -147,6 +147,7 @@ class Scheduler:
         self._queues: list[collections.deque[PendingRequest]] = [collections.deque() for _ in range(levels)]
         self._queued_per_level = [0] * levels
         self._queued = 0
+        self._default_level = self.priority_level(0)  # the level of every request that names none
         self._delay_timer: asyncio.TimerHandle | None = None
         self._delay_deadline_ns = 0  # when the armed delay timer's wait ends
         self._closed = False
@@ -201,7 +202,7 @@ class Scheduler:
         """
         if self._closed:
             raise ModelNotReadyError(f"model '{self.name}' is being unloaded")
-        level = self.priority_level(priority)
+        level = self._default_level if priority == 0 else self.priority_level(priority)
         policy = self.config.policy(level)
         limit = self.config.hard_queue_limit
         if self._queued >= limit or (policy.max_queue_size and self._queued_per_level[level] >= policy.max_queue_size):
