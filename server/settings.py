@@ -82,9 +82,9 @@ class Settings(BaseSettings):
     cores, see docs/benchmarks.md), else 1."""
     cpu_affinity: Literal["auto", "none"] = "auto"
     """auto: with 2 or more workers, each worker's threads are pinned to its own share of the CPUs this process
-    may use, so a request's hand-offs between the event loop, gRPC's threads and the model stay on one CPU
-    (text-generation models still use every CPU); not under a cgroup CPU quota smaller than the affinity mask.
-    none: the kernel places every thread."""
+    may use, so a request's hand-offs between the event loop, grpc.aio's poller and the model stay on one CPU
+    (gRPC's own threads and text-generation models still use every CPU); not under a cgroup CPU quota smaller
+    than the affinity mask. none: the kernel places every thread."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """auto: uvloop when it is installed, else asyncio's own loop."""
     tls_cert: Path | None = None

@@ -154,7 +154,8 @@ def pin_worker(index: int, workers: int) -> tuple[int, ...] | None:
     (an inter-processor interrupt, a cold cache); pinned, each worker's threads hand work to one another on
     one CPU. Measured on the 2-core machine (docs/benchmarks.md, "Workers pinned to their CPUs"). Call it
     early, before gRPC and ONNX Runtime start their threads: threads inherit the mask of the thread that
-    starts them. A thread that must use every CPU of the process runs inside unpinned().
+    starts them. gRPC's own threads are let go again once started (release_named_threads); a thread that must
+    use every CPU of the process runs inside unpinned().
     """
     global _process_mask, _pinned
     try:
