@@ -218,7 +218,10 @@ print(json.dumps(result))
 """
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two workers needs two CPUs")
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or (cpus.cgroup_cpus() or 2) < 2,
+    reason="pinning two workers needs two CPUs and no cgroup quota under two",
+)
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_a_pinned_worker_pins_every_thread_and_releases_what_it_must() -> None:
     """In a child process (pinning this one would pin the test run): worker 1 of 2 on the first two CPUs."""
