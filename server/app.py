@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # How often shutdown checks whether the models still hold admitted work.
 DRAIN_POLL_S = 0.01
+# How often a pinned worker lets go of gRPC threads started since it last looked (OrtServer._release_new_grpc_threads).
+GRPC_THREADS_RESCAN_S = 5.0
 
 
 def server_version() -> str:
@@ -202,6 +204,8 @@ class OrtServer:
             self._spawn(self._ssl.watch())  # gRPC looks at the files itself, at each new handshake
         if self.settings.model_control_mode == "poll":
             self._spawn(self._poll_repository())
+        if cpus.pinned_cpus() is not None:
+            self._spawn(self._release_new_grpc_threads())
         if worker is not None and self.settings.peer_dir is not None:
             pinned = cpus.pinned_cpus()
             logger.info(
@@ -275,6 +279,13 @@ class OrtServer:
     def _schedule_health(self) -> None:
         if self.state.started:
             self._spawn(self._publish_health())
+
+    async def _release_new_grpc_threads(self) -> None:
+        # gRPC's event engine grows its pool under load, sometimes from a pinned thread whose mask the new
+        # thread inherits: let such threads go too (a few small /proc reads every few seconds).
+        while True:
+            await asyncio.sleep(GRPC_THREADS_RESCAN_S)
+            cpus.release_named_threads()
 
     async def _poll_repository(self) -> None:
         while True:

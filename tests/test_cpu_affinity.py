@@ -120,6 +120,13 @@ def _serve_both_kinds(port_file: Path) -> None:
         assert "text_output" in json.loads(response.read())
 
 
+def _grpc_threads_on(cpus: list[int], pid: int) -> bool:
+    """Whether every thread gRPC named (any name but the main thread's) may run on exactly `cpus`."""
+    masks = _thread_masks(pid)
+    main_name = masks[pid][0]
+    return all(mask == cpus for name, mask in masks.values() if name != main_name)
+
+
 def _workers(process: subprocess.Popen[bytes]) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
 
@@ -146,6 +153,12 @@ def test_two_workers_are_pinned_to_a_cpu_each_and_text_models_keep_both(tmp_path
         assert pinned == both, text
         workers = _workers(process)
         assert len(workers) == 2
+        # gRPC's event engine may grow its pool from a pinned thread; the worker lets such threads go within
+        # seconds (app.GRPC_THREADS_RESCAN_S). Wait for that, generously.
+        deadline = time.monotonic() + 60
+        while not all(_grpc_threads_on(both, pid) for pid in workers):
+            assert time.monotonic() < deadline, [_thread_masks(pid) for pid in workers]
+            time.sleep(0.5)
         own = {}
         text_model_threads = 0
         for pid in workers:

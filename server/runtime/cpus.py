@@ -186,7 +186,8 @@ def release_named_threads() -> int:
     models' threads keep the worker's CPU, where their hand-offs are cheap; the event engine, which reads and
     writes the sockets, may borrow another CPU while the loop runs a batch. Pinning it too cost the CNN 4% of its
     throughput at concurrency 64; released, it gained 6% (docs/benchmarks.md, "Workers pinned to their CPUs").
-    Threads the released ones start later inherit the whole mask.
+    Threads the released ones start later inherit the whole mask; the event engine also grows its pool from
+    pinned threads at times, so a pinned worker calls this again every few seconds.
     """
     if _process_mask is None:
         return 0
