@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # How often shutdown checks whether the models still hold admitted work.
 DRAIN_POLL_S = 0.01
-# How often a pinned worker lets go of gRPC threads started since it last looked (OrtServer._release_new_grpc_threads).
+# How often a pinned worker lets go of gRPC threads started since it last looked (OrtServer._release_grpc_threads).
 GRPC_THREADS_RESCAN_S = 5.0
 
 
@@ -190,7 +190,6 @@ class OrtServer:
             addresses = workers.peer_addresses(self.settings.peer_dir, worker, self.settings.workers)
             self.plane.attach_workers(WorkerPeers(GrpcPeers(), tuple(addresses), self.settings.peer_dir, worker))
         await server.start()
-        cpus.release_named_threads()  # gRPC's own threads exist now (see cpus.pin_worker)
         if self.settings.allow_http:
             await self._start_http(reuse_port=worker is not None)
         if self.settings.allow_metrics:
@@ -205,7 +204,7 @@ class OrtServer:
         if self.settings.model_control_mode == "poll":
             self._spawn(self._poll_repository())
         if cpus.pinned_cpus() is not None:
-            self._spawn(self._release_new_grpc_threads())
+            self._spawn(self._release_grpc_threads())  # gRPC's own threads exist now (see cpus.pin_worker)
         if worker is not None and self.settings.peer_dir is not None:
             pinned = cpus.pinned_cpus()
             logger.info(
@@ -280,12 +279,12 @@ class OrtServer:
         if self.state.started:
             self._spawn(self._publish_health())
 
-    async def _release_new_grpc_threads(self) -> None:
-        # gRPC's event engine grows its pool under load, sometimes from a pinned thread whose mask the new
-        # thread inherits: let such threads go too (a few small /proc reads every few seconds).
+    async def _release_grpc_threads(self) -> None:
+        # Now, and again every few seconds: gRPC's event engine grows its pool under load, sometimes from a
+        # pinned thread whose mask the new thread inherits (a few small /proc reads each time).
         while True:
-            await asyncio.sleep(GRPC_THREADS_RESCAN_S)
             cpus.release_named_threads()
+            await asyncio.sleep(GRPC_THREADS_RESCAN_S)
 
     async def _poll_repository(self) -> None:
         while True:

@@ -166,11 +166,7 @@ def pin_worker(index: int, workers: int) -> tuple[int, ...] | None:
     if chosen is None:
         return None
     _process_mask, _pinned = frozenset(mask), frozenset(chosen)
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]
-    for thread in threads:
+    for thread in _threads() or [0]:
         try:
             os.sched_setaffinity(thread, _pinned)
         except OSError:  # a thread that ended meanwhile
@@ -178,11 +174,20 @@ def pin_worker(index: int, workers: int) -> tuple[int, ...] | None:
     return chosen
 
 
+def _threads() -> list[int]:
+    """The ids of this process's threads (empty where /proc cannot say)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+
+
 def release_named_threads() -> int:
     """Lets every thread that gave itself a name of its own (gRPC's event-engine, timer and lifeguard threads)
     run on every CPU of the process again; returns how many. A no-op when nothing is pinned.
 
-    Called once gRPC has started its threads. The event loop, gRPC's poller thread (a Python thread) and the
+    Called once gRPC has started its threads, and again every few seconds (threads already on the whole mask
+    are left alone and not counted). The event loop, gRPC's poller thread (a Python thread) and the
     models' threads keep the worker's CPU, where their hand-offs are cheap; the event engine, which reads and
     writes the sockets, may borrow another CPU while the loop runs a batch. Pinning it too cost the CNN 4% of its
     throughput at concurrency 64; released, it gained 6% (docs/benchmarks.md, "Workers pinned to their CPUs").
@@ -193,14 +198,16 @@ def release_named_threads() -> int:
         return 0
     try:
         own_name = Path("/proc/self/comm").read_text()
-        threads = os.listdir("/proc/self/task")
     except OSError:
         return 0
     released = 0
-    for thread in threads:
+    for thread in _threads():
         try:
-            if Path(f"/proc/self/task/{thread}/comm").read_text() != own_name:
-                os.sched_setaffinity(int(thread), _process_mask)
+            if (
+                Path(f"/proc/self/task/{thread}/comm").read_text() != own_name
+                and os.sched_getaffinity(thread) != _process_mask
+            ):
+                os.sched_setaffinity(thread, _process_mask)
                 released += 1
         except OSError:  # a thread that ended meanwhile
             pass
