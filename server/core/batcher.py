@@ -1,12 +1,10 @@
 """The per-model scheduler: a bounded priority queue feeding every instance, with dynamic batching.
 
-Each instance has a thread. Dispatch takes the oldest request of the highest
-priority, adds queued requests that can share its run (same non-batch shapes and
-outputs) up to max_batch_size, runs the merged batch on an idle instance's thread,
-and hands each request its slice of the outputs. An idle instance starts at once;
-under load, requests pile up while instances are busy and the next run takes them
-together. Under load, a single CPU instance whose runs are short runs its batches on
-the event loop itself instead (see Scheduler._on_loop).
+Each instance has a thread. Dispatch takes the oldest request of the highest priority, adds queued requests
+that can share its run (same non-batch shapes and outputs) up to max_batch_size, runs the merged batch on an
+idle instance's thread, and hands each request its slice of the outputs. An idle instance starts at once; under
+load, requests pile up while instances are busy and the next run takes them together. A single CPU instance
+whose runs are short may run its batches on the event loop itself instead (see Scheduler._on_loop).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from server.core.errors import (
 )
 from server.core.instance import InstanceThread, run_instance
 from server.core.statistics import ModelStats
+from server.runtime import cpus
 from server.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,8 @@ class SchedulerConfig:
         priority_policies: Per-level queue policies.
         hard_queue_limit: Upper bound on queued requests whatever the policies say, so
             memory stays bounded.
-        adaptive_delay: Wait out max_queue_delay_us only while recent requests arrived to find
-            others outstanding (see Scheduler._company); a lone client is served at once.
+        adaptive_delay: Wait out max_queue_delay_us only while recent requests arrived to find others
+            outstanding (Scheduler._company) and fewer are here than at the recent peak (PEAK_DECAY).
         padded_inputs: Inputs whose first dimension after the batch (a sequence) may differ between
             requests that share a run: each is padded with zeros at the end to the longest.
     """
@@ -98,11 +97,17 @@ COMPANY_WEIGHT = 0.2
 COMPANY_CAP = 2
 COMPANY_THRESHOLD = 0.5
 
+# Nor does it wait once as many requests are queued or running as at the recent peak: a closed-loop group of N
+# clients never has more than N in the server, so with all N here nobody else is coming. The peak decays by this
+# factor per arrival, forgetting a client that left within ~700 arrivals.
+PEAK_DECAY = 0.999
+# Below this company a client is alone (about the last ten arrivals found nobody): see Scheduler._on_loop.
+LONE_COMPANY = 0.1
+
 # Runs on the event loop (Scheduler._on_loop) only while the model's recent runs took at most this long: the
 # loop serves no other call meanwhile, so the bound keeps that pause within the batching delay's order.
 LOOP_RUN_LIMIT_NS = 1_000_000
-# Weight of the newest run in the moving average of run times.
-RUN_TIME_WEIGHT = 0.25
+RUN_TIME_WEIGHT = 0.25  # weight of the newest run in the moving average of run times
 
 # What requests must share to run together (see _batch_key): each input's non-batch shape, then the outputs.
 BatchKey = tuple[object, ...]
@@ -154,8 +159,11 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by the first submit
         self._outstanding = 0  # submitted and not yet answered (queued or running)
         self._company = 0.0  # see COMPANY_WEIGHT
-        # Whether batches may run on the loop: one instance that allows it (Runtime.may_run_on_loop).
-        self._loop_capable = len(self._threads) == 1 and instances[0].may_run_on_loop
+        self._running = 0  # requests in runs not yet finished
+        self._peak = 0.0  # the most requests queued or running at once, decaying (PEAK_DECAY)
+        self._loop_capable = len(self._threads) == 1 and instances[0].may_run_on_loop  # see _on_loop
+        pinned = cpus.pinned_cpus()  # pinned to one CPU, the instance thread shares the loop's (cpus.pin_worker)
+        self._one_cpu = pinned is not None and len(pinned) == 1
         self._run_ns = 0.0  # moving average of run times (RUN_TIME_WEIGHT); 0 until a run is measured
 
     @property
@@ -233,6 +241,7 @@ class Scheduler:
         self._queues[level].append(pending)
         self._queued_per_level[level] += 1
         self._queued += 1
+        self._peak = max(float(self._queued + self._running), self._peak * PEAK_DECAY)
         self._dispatch()
         try:
             return await pending.future
@@ -287,8 +296,9 @@ class Scheduler:
         delay_us = self.config.max_queue_delay_us
         if not self.config.dynamic_batching or delay_us <= 0:
             return 0.0
-        if self.config.adaptive_delay and self._company < COMPANY_THRESHOLD:
-            return 0.0  # nobody is likely to come in time: waiting would only add latency
+        here = self._queued + self._running
+        if self.config.adaptive_delay and (self._company < COMPANY_THRESHOLD or here >= self._peak):
+            return 0.0  # nobody is likely to come in time, or everyone is already here: waiting would only add latency
         size = sum(p.batch_size for p in batch)
         preferred = self.config.preferred_batch_sizes
         if size >= self.config.max_batch_size or size in preferred or (preferred and size > max(preferred)):
@@ -346,14 +356,17 @@ class Scheduler:
         (bench/run_ladder.py: the echo answering from a second thread took 1.13-1.43x its CPU per request);
         under load, with runs this short, the loop does better running it and gathering the next calls
         after. Not at low load: there the thread's run overlaps the loop finishing the call's own work
-        (concurrency 1 p50 8% better on a thread), and a lone client's request is all there is.
+        (concurrency 1 p50 8% better on a thread), unless the worker is pinned to one CPU, where the thread
+        can only take turns with the loop (c=1 p50 x0.95 on the loop). Only a client truly alone
+        (LONE_COMPANY) runs there, so a loaded loop cannot settle into running each arrival by itself.
         """
-        return (
-            self._loop_capable and 0 < self._run_ns <= LOOP_RUN_LIMIT_NS and self._company >= COMPANY_THRESHOLD
-        )
+        if not self._loop_capable or not 0 < self._run_ns <= LOOP_RUN_LIMIT_NS:
+            return False
+        return self._company >= COMPANY_THRESHOLD or (self._one_cpu and self._company < LONE_COMPANY)
 
     def _take(self, batch: list[PendingRequest]) -> None:
         """Removes the batch's requests from the queue: they are about to run."""
+        self._running += len(batch)
         for pending in batch:
             self._dequeue(pending)
             if pending.timer is not None:
@@ -414,6 +427,7 @@ class Scheduler:
         infer_ns: int,
     ) -> None:
         self._idle.append(thread)
+        self._running -= len(batch)
         if infer_ns > 0:
             self._run_ns = infer_ns if self._run_ns == 0 else self._run_ns + RUN_TIME_WEIGHT * (infer_ns - self._run_ns)
         if error is not None or results is None:

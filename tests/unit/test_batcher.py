@@ -241,21 +241,47 @@ async def test_adaptive_delay_serves_a_lone_client_at_once() -> None:
 
 
 async def test_adaptive_delay_waits_once_arrivals_find_company() -> None:
-    """Requests that arrive while others are outstanding make the scheduler wait for a fuller batch again."""
+    """Requests that arrive while others are outstanding make the scheduler wait for a fuller batch again, until as
+    many are queued or running as at the recent peak: then everyone is here, and the batch runs at once."""
     runtime = FakeRuntime(held=True)
     scheduler = make(ADAPTIVE, runtime)
     first = asyncio.create_task(submit(scheduler, 0.0))
     await wait_for_runs(runtime, 1)  # ran at once: it found nobody
     queued = [asyncio.create_task(submit(scheduler, float(i))) for i in range(1, 5)]
-    await wait_queued(scheduler, 4)  # each arrived to find the first (and the earlier ones) outstanding
+    await wait_queued(scheduler, 4)  # each arrived to find the first (and the earlier ones) outstanding: 5 at the peak
     runtime.release()
     await first
-    # The four queued requests now wait for company (4 rows of 8, the delay far off), observed as state.
+    # The four queued requests now wait for company (4 here against 5 at the peak, the delay far off).
     await wait_until(lambda: scheduler._delay_timer is not None, "the delay timer")
     assert scheduler.queued == 4 and len(runtime.runs) == 1
-    more = [asyncio.create_task(submit(scheduler, float(i))) for i in range(5, 9)]  # fills the batch to 8
-    await asyncio.wait_for(asyncio.gather(*queued, *more), timeout=60)
-    assert [len(r) for r in runtime.runs] == [1, 8]
+    fifth = asyncio.create_task(submit(scheduler, 5.0))  # as many as at the peak: nobody else is coming
+    await asyncio.wait_for(asyncio.gather(*queued, fifth), timeout=60)
+    assert [len(r) for r in runtime.runs] == [1, 5]
+
+
+async def test_adaptive_delay_serves_a_closed_group_without_waiting_out_the_delay() -> None:
+    """Four clients, each sending its next request when the last is answered (as perf_analyzer's do), never wait
+    out the 600 s delay: once all four are queued or running, nobody else can come. (When one of them stops, the
+    others wait out the delay until the peak has forgotten it, so the clients here never stop on their own.)"""
+    runtime = FakeRuntime()
+    scheduler = make(ADAPTIVE, runtime)
+    answered = 0
+
+    async def client(index: int) -> None:
+        nonlocal answered
+        for i in range(1_000_000):
+            y = await submit(scheduler, float(index * 1000 + i % 1000))
+            np.testing.assert_array_equal(y, np.full((1, 3), 2.0 * (index * 1000 + i % 1000), np.float32))
+            answered += 1
+
+    clients = [asyncio.create_task(client(c)) for c in range(4)]
+    await wait_until(lambda: answered >= 40 or any(c.done() for c in clients), "40 answers")
+    for task in clients:
+        task.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    assert answered >= 40
+    assert max(len(r) for r in runtime.runs) <= 4  # never more rows than clients
+    assert [len(r) for r in runtime.runs[:6]] == [1, 4, 4, 4, 4, 4]  # the first ran alone; then the group together
 
 
 async def test_without_adaptive_delay_a_lone_request_waits_out_the_delay() -> None:

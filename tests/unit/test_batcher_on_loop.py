@@ -17,6 +17,7 @@ from server.core import batcher
 from server.core.batcher import Scheduler, SchedulerConfig
 from server.core.errors import ModelRunError
 from server.core.statistics import ModelStats
+from server.runtime import cpus
 from tests.fake_runtime import FakeRuntime
 
 BATCHING = SchedulerConfig(max_batch_size=8, dynamic_batching=True)
@@ -60,12 +61,31 @@ async def test_under_load_batches_run_on_the_loop_gathered_when_they_start() -> 
     await scheduler.close()
 
 
-async def test_a_lone_client_stays_on_the_instance_thread() -> None:
+@pytest.mark.parametrize("pinned", [None, (0, 1)])
+async def test_a_lone_client_stays_on_the_instance_thread(
+    pinned: tuple[int, ...] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not pinned, or pinned to more than one CPU: the thread's run can overlap the loop's own work."""
+    monkeypatch.setattr(cpus, "pinned_cpus", lambda: pinned)
     runtime = FakeRuntime(may_run_on_loop=True)
     scheduler = Scheduler("fake", [runtime], BATCHING, ModelStats())
     for i in range(10):
         check([await one(scheduler, float(i))], float(i))
     assert threading.get_ident() not in runtime.threads
+    await scheduler.close()
+
+
+async def test_a_lone_client_of_a_worker_pinned_to_one_cpu_runs_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned to one CPU, the instance thread could only take turns with the loop: a lone client's batches run on
+    the loop once a run has been measured (the first goes to the thread)."""
+    monkeypatch.setattr(cpus, "pinned_cpus", lambda: (0,))
+    runtime = FakeRuntime(may_run_on_loop=True)
+    scheduler = Scheduler("fake", [runtime], BATCHING, ModelStats())
+    for i in range(10):
+        check([await one(scheduler, float(i))], float(i))
+    loop_thread = threading.get_ident()
+    assert runtime.threads[0] != loop_thread and runtime.threads[1:] == [loop_thread] * 9
+    assert [len(run) for run in runtime.runs] == [1] * 10
     await scheduler.close()
 
 
