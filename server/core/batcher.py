@@ -357,7 +357,7 @@ class Scheduler:
         under load, with runs this short, the loop does better running it and gathering the next calls
         after. Not at low load: there the thread's run overlaps the loop finishing the call's own work
         (concurrency 1 p50 8% better on a thread), unless the worker is pinned to one CPU, where the thread
-        can only take turns with the loop (c=1 p50 x0.95 on the loop). Only a client truly alone
+        can only take turns with the loop (c=1 p50 x0.93-0.95 on the loop). Only a client truly alone
         (LONE_COMPANY) runs there, so a loaded loop cannot settle into running each arrival by itself.
         """
         if not self._loop_capable or not 0 < self._run_ns <= LOOP_RUN_LIMIT_NS:
