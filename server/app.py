@@ -203,10 +203,10 @@ class OrtServer:
             self._spawn(self._ssl.watch())  # gRPC looks at the files itself, at each new handshake
         if self.settings.model_control_mode == "poll":
             self._spawn(self._poll_repository())
-        if cpus.pinned_cpus() is not None:
+        pinned = cpus.pinned_cpus()
+        if pinned is not None:
             self._spawn(self._release_grpc_threads())  # gRPC's own threads exist now (see cpus.pin_worker)
         if worker is not None and self.settings.peer_dir is not None:
-            pinned = cpus.pinned_cpus()
             logger.info(
                 "worker %d (pid %d) serving on port %d%s", worker, os.getpid(), self.port,
                 f", pinned to CPU(s) {','.join(map(str, pinned))}" if pinned else "",

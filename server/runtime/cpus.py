@@ -228,7 +228,7 @@ def unpinned() -> Iterator[None]:
     if _process_mask is None or _pinned is None:
         yield
         return
-    os.sched_setaffinity(0, _process_mask)
+    unpin_this_thread()
     try:
         yield
     finally:
